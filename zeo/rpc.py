@@ -1,0 +1,152 @@
+"""Sending frames on a socket shared by several threads.
+
+Replies, one-way calls and invalidations for one connection come from many
+threads (the connection's own thread, committers on other connections, the
+pack worker).  They all go through one `Outbox`, which keeps them in the
+order they were put and never lets a thread block on a socket it does not
+own: a putter only queues; the bytes leave from the connection's own thread
+(`send_pending`, non-blocking) or from the outbox's writer thread.
+"""
+
+import collections
+import logging
+import socket
+import threading
+
+logger = logging.getLogger(__name__)
+
+#: Unsent bytes a peer may leave in its outbox before it is disconnected.
+DEFAULT_OUTBOX_LIMIT = 64 * 1024 * 1024
+
+_NONBLOCKING = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class OutboxOverflow(Exception):
+    """The peer stopped reading and its unsent output passed the bound."""
+
+
+class Outbox:
+    """An ordered, bounded queue of encoded frames for one socket.
+
+    `put` never blocks.  Whoever drains the queue (the owner's fast path or
+    the writer thread) is the only one writing to the socket at that moment,
+    so frames never interleave and leave in `put` order.
+
+    When the unsent bytes exceed `limit`, `put` closes the outbox, shuts the
+    socket down (so the connection's reader notices and cleans up) and calls
+    `on_overflow`.  One message larger than the limit is still accepted when
+    nothing else is pending, so a big object can always be loaded.
+    """
+
+    def __init__(self, sock, name, limit=DEFAULT_OUTBOX_LIMIT,
+                 on_overflow=None):
+        self._sock = sock
+        self._limit = limit
+        self._on_overflow = on_overflow
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._frames = collections.deque()
+        self._pending = 0
+        self._draining = False
+        self._closing = False
+        self._closed = False
+        self._writer = threading.Thread(
+            target=self._write_loop, name="%s-writer" % name, daemon=True)
+        self._writer.start()
+
+    @property
+    def pending(self):
+        """Bytes queued and not yet handed to the kernel."""
+        return self._pending
+
+    def put(self, data):
+        """Queue one encoded frame.  Returns False if it was dropped."""
+        with self._lock:
+            if self._closing:
+                return False
+            if self._pending and self._pending + len(data) > self._limit:
+                overflowed = True
+                self._closing = True
+                self._frames.clear()
+                self._pending = 0
+                self._wakeup.notify()
+            else:
+                overflowed = False
+                self._frames.append(data)
+                self._pending += len(data)
+                if not self._draining:
+                    self._wakeup.notify()
+        if overflowed:
+            self._shutdown_socket()
+            if self._on_overflow is not None:
+                self._on_overflow()
+        return not overflowed
+
+    def send_pending(self):
+        """Try to send what is queued now, without blocking.
+
+        Called by the connection's own thread after it queued a reply: the
+        common case (an empty queue and a socket with room) then needs no
+        thread switch at all.  What does not fit is left to the writer.
+        """
+        with self._lock:
+            if self._draining or not self._frames or self._closing:
+                return
+            self._draining = True
+            data = self._take_all()
+        try:
+            sent = self._sock.send(data, _NONBLOCKING)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = len(data)  # the reader sees the broken socket and cleans up
+        with self._lock:
+            if sent < len(data):
+                self._frames.appendleft(memoryview(data)[sent:])
+                self._pending += len(data) - sent
+            self._draining = False
+            if self._frames:
+                self._wakeup.notify()
+
+    def _take_all(self):
+        frames = self._frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        frames.clear()
+        self._pending = 0
+        return data
+
+    def _write_loop(self):
+        while True:
+            with self._lock:
+                while not self._closed and (self._draining or not self._frames):
+                    if self._closing and not self._draining:
+                        self._closed = True
+                        break
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                self._draining = True
+                data = self._take_all()
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                with self._lock:
+                    self._frames.clear()
+                    self._pending = 0
+                    self._closing = True
+            with self._lock:
+                self._draining = False
+
+    def close(self, timeout=5):
+        """Stop accepting frames, send what is queued, stop the writer."""
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        if self._writer is not threading.current_thread():
+            self._writer.join(timeout)
+
+    def _shutdown_socket(self):
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -1,0 +1,234 @@
+"""One accepted socket: handshake, the read loop, replies.
+
+`ServerConnection.run` is the body of the connection's thread.  It reads
+frames, decodes them, and hands each call to its `Session` in arrival order
+(PROTOCOL.md 3.7 and 3.9).  Everything sent goes through the connection's
+`Outbox`.  However the connection ends (the client hangs up, a protocol
+error, the watchdog, an overflowing outbox, server shutdown) the same
+cleanup runs, once.
+"""
+
+import json
+import logging
+import socket
+import threading
+
+from zeo import wire
+from zeo.rpc import Outbox
+from zeo.server.session import DEFERRED, Reply, Session, run_handoffs
+
+logger = logging.getLogger(__name__)
+
+_RECV_SIZE = 256 * 1024
+
+
+class ServerConnection:
+    """The channel between one client socket and its session."""
+
+    def __init__(self, sock, peer, server):
+        self.sock = sock
+        self.peer = format_peer(peer)
+        self.label = self.peer
+        self.server = server
+        self.codec = None
+        self._closing = threading.Event()
+        self._close_reason = None
+        self.outbox = Outbox(sock, "zeo-conn-%s" % self.peer,
+                             limit=server.outbox_limit,
+                             on_overflow=self._overflowed)
+        self.session = Session(server, self)
+
+    # -- the channel interface used by the session ----------------------------
+
+    def reply(self, msgid, outcome):
+        """Queue the reply to `msgid` and send it if the socket has room."""
+        if outcome.error is not None:
+            data = wire.encode_error_reply(self.codec, msgid, outcome.error)
+        else:
+            data = self._encode_reply(msgid, outcome.value)
+        self.outbox.put(wire.frame(data))
+        self.outbox.send_pending()
+
+    def push(self, method, args):
+        """Queue a one-way call to the client (invalidations, info)."""
+        self.outbox.put(wire.frame(
+            self.codec.encode(0, wire.ONEWAY, method, args)))
+
+    def close(self, reason):
+        """Ask the connection to end; its own thread cleans up."""
+        if self._closing.is_set():
+            return
+        self._close_reason = reason
+        self._closing.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- the connection's thread ------------------------------------------------
+
+    def run(self):
+        logger.info("(%s) connected", self.peer)
+        try:
+            self._serve()
+        except OSError as error:
+            if not self._closing.is_set():
+                self._close_reason = "connection error: %s" % error
+        except wire.ProtocolError as error:
+            self._close_reason = "protocol error: %s" % error
+            logger.error("(%s) %s; closing", self.label, error)
+        except Exception:
+            self._close_reason = "internal error"
+            logger.exception("(%s) unexpected error; closing", self.label)
+        finally:
+            self._finish()
+
+    def _serve(self):
+        self.outbox.put(wire.frame(self.server.protocol))
+        self.outbox.send_pending()
+        reader = wire.FrameReader(self.server.max_frame_size)
+        payloads = self._receive(reader)
+        if payloads is None:
+            return
+        handshake, payloads = payloads[0], payloads[1:]
+        if handshake == wire.RUOK:
+            self._answer_ruok()
+            return
+        self.codec = wire.codec_for(handshake)
+        while True:
+            for payload in payloads:
+                if not self._handle(payload):
+                    return
+            payloads = self._receive(reader)
+            if payloads is None:
+                return
+
+    def _receive(self, reader):
+        """The next complete payloads, or None at end of stream."""
+        while True:
+            if self._closing.is_set():
+                return None
+            data = self.sock.recv(_RECV_SIZE)
+            if not data:
+                return None
+            payloads = reader.feed(data)
+            if payloads:
+                return payloads
+
+    def _answer_ruok(self):
+        status = self.server.ruok()
+        self.outbox.put(wire.frame(json.dumps(status).encode("ascii")))
+        self._close_reason = "ruok answered"
+
+    def _handle(self, payload):
+        """Run one message.  Returns False when the connection must end."""
+        try:
+            message = self.codec.decode(payload)
+        except wire.RefusedGlobals as refused:
+            return self._handle_refused(refused)
+        msgid, flag, name, args = message
+        if msgid == wire.HEARTBEAT_MSGID:
+            return True
+        session = self.session
+        method = session.lookup(name)
+        if method is None:
+            logger.error("(%s) invalid method %s; closing", self.label,
+                         wire.short_repr(name))
+            self._close_reason = "invalid method"
+            return False
+        oneway = bool(flag)
+        if not isinstance(args, (tuple, list)):
+            return self._fail(msgid, oneway, name, TypeError(
+                "arguments of %s must be a sequence" % name))
+        session.current_msgid = msgid
+        publication = session.publication_lock(name, args)
+        if publication is not None:
+            with publication:
+                return self._call(method, msgid, oneway, name, args)
+        return self._call(method, msgid, oneway, name, args)
+
+    def _call(self, method, msgid, oneway, name, args):
+        try:
+            result = method(*args)
+        except Exception as error:
+            return self._fail(msgid, oneway, name, error)
+        if isinstance(result, Reply):
+            if not oneway:
+                self.reply(msgid, result)
+            run_handoffs(result.after)
+            if oneway and result.error is not None:
+                return self._fail(msgid, oneway, name, result.error)
+        elif not oneway and result is not DEFERRED:
+            self.reply(msgid, Reply(result))
+        return True
+
+    def _fail(self, msgid, oneway, name, error):
+        """Report a failed call: an error reply, or for a one-way call
+        (which has nobody to tell) the end of the connection."""
+        if oneway:
+            logger.error("(%s) one-way call %s failed: %r; closing",
+                         self.label, name, error)
+            self._close_reason = "failed one-way call"
+            return False
+        self.session.log_error(name, error)
+        self.reply(msgid, Reply(error=error))
+        return True
+
+    def _handle_refused(self, refused):
+        """A message naming globals we do not resolve: answer, don't die.
+
+        A two-way call gets an error reply; a transaction whose tpc_begin
+        carried such an object (e.g. a datetime in its extension) fails at
+        vote with a clear message instead of losing the connection.
+        """
+        message = refused.message
+        logger.error("(%s) %s in call %s", self.label, refused,
+                     wire.short_repr(message.name))
+        error = ValueError("the server refuses %s in call %s"
+                           % (", ".join(refused.names), message.name))
+        if not message.flag:
+            self.reply(message.msgid, Reply(error=error))
+            return True
+        if message.name == "tpc_begin" and self.session.served is not None:
+            args = tuple(message.args)
+            try:
+                self.session.tpc_begin_refused(args[0], error)
+            except Exception as failure:
+                logger.error("(%s) %r; closing", self.label, failure)
+                return False
+            return True
+        self._close_reason = "refused one-way call"
+        return False
+
+    def _encode_reply(self, msgid, value):
+        try:
+            return self.codec.encode(msgid, wire.REPLY, wire.REPLY_NAME, value)
+        except Exception as error:
+            logger.error("(%s) cannot encode reply %s: %r", self.label,
+                         wire.short_repr(value), error)
+            return wire.encode_error_reply(
+                self.codec, msgid, ValueError("Couldn't pickle response"))
+
+    def _overflowed(self):
+        logger.error("(%s) stopped reading: more than %d bytes unsent; "
+                     "disconnecting", self.label, self.server.outbox_limit)
+        self.close("output overflow")
+
+    def _finish(self):
+        self._closing.set()
+        try:
+            self.session.closed()
+        finally:
+            self.outbox.close()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            logger.info("(%s) disconnected (%s)", self.label,
+                        self._close_reason or "client closed")
+
+
+def format_peer(peer):
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return "%s:%s" % (peer[0], peer[1])
+    return str(peer) or "unix-socket"

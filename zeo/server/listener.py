@@ -1,0 +1,118 @@
+"""Accepting connections: one named thread per client.
+
+The standard library's threading servers do the accepting; we override
+what they leave unsaid: threads get names, TCP sockets get TCP_NODELAY
+(the protocol mixes one-way and two-way messages, and Nagle's algorithm
+would add delayed-ACK stalls), and every live connection is tracked so
+shutdown can close and join them.
+"""
+
+import logging
+import os
+import socket
+import socketserver
+import threading
+
+from zeo.server.connection import ServerConnection, format_peer
+
+logger = logging.getLogger(__name__)
+
+
+class _ConnectionTracking:
+    """Mixin: run each accepted socket as a `ServerConnection` in its own
+    named thread, and remember the live ones."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def setup_tracking(self, server):
+        self.zeo_server = server
+        self._live = {}  # ServerConnection -> Thread
+        self._live_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        if isinstance(request, socket.socket) and \
+                request.family in (socket.AF_INET, socket.AF_INET6):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = ServerConnection(request, client_address, self.zeo_server)
+        thread = threading.Thread(
+            target=self._run_connection, args=(connection,),
+            name="zeo-conn-%s" % format_peer(client_address), daemon=True)
+        with self._live_lock:
+            self._live[connection] = thread
+        thread.start()
+
+    def _run_connection(self, connection):
+        try:
+            connection.run()
+        finally:
+            with self._live_lock:
+                self._live.pop(connection, None)
+
+    def close_connections(self, timeout=10):
+        """Close every live connection and wait for its thread to end."""
+        with self._live_lock:
+            live = list(self._live.items())
+        for connection, _thread in live:
+            connection.close("server shutting down")
+        for _connection, thread in live:
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("connection thread %s did not stop", thread.name)
+
+    def handle_error(self, request, client_address):
+        logger.exception("error accepting %s", format_peer(client_address))
+
+
+class TCPListener(_ConnectionTracking, socketserver.TCPServer):
+    address_family = socket.AF_INET
+
+
+class TCP6Listener(_ConnectionTracking, socketserver.TCPServer):
+    address_family = socket.AF_INET6
+
+
+class UnixListener(_ConnectionTracking, socketserver.UnixStreamServer):
+
+    def server_close(self):
+        socketserver.UnixStreamServer.server_close(self)
+        try:
+            os.unlink(self.server_address)
+        except OSError:
+            pass
+
+
+def make_listener(address, server):
+    """Bind `address`: a (host, port) pair or a Unix socket path."""
+    if isinstance(address, str):
+        if os.path.exists(address):
+            _remove_stale_socket(address)
+        listener_class = UnixListener
+    elif ":" in (address[0] or ""):
+        listener_class = TCP6Listener
+    else:
+        listener_class = TCPListener
+    listener = listener_class(address, None, bind_and_activate=False)
+    listener.setup_tracking(server)
+    try:
+        listener.server_bind()
+        listener.server_activate()
+    except BaseException:
+        listener.socket.close()
+        raise
+    return listener
+
+
+def _remove_stale_socket(path):
+    """A socket file nobody listens on is left from a crash: remove it.
+    One that answers belongs to a running server: refuse to steal it."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError("address %s already in use" % path)
+    finally:
+        probe.close()

@@ -1,0 +1,168 @@
+"""The storage server: storages, listener, watchdog, monitor, shutdown."""
+
+import logging
+import os
+import threading
+
+from zeo import wire
+from zeo.rpc import DEFAULT_OUTBOX_LIMIT
+from zeo.server.listener import make_listener
+from zeo.server.storage import ServedStorage
+
+logger = logging.getLogger("zeo.server")
+
+
+class StorageServer:
+    """Serves named ZODB storages to ZEO clients.
+
+    The constructor opens nothing but the listening socket (so `address`
+    holds the real bound address, port 0 resolved); `start` begins
+    accepting, `serve_forever` starts and blocks until `close`.
+    """
+
+    def __init__(self, address, storages, read_only=False,
+                 invalidation_queue_size=100, invalidation_age=None,
+                 transaction_timeout=None, client_conflict_resolution=False,
+                 msgpack=None, monitor_address=None,
+                 outbox_limit=DEFAULT_OUTBOX_LIMIT,
+                 max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE):
+        if msgpack is None:
+            msgpack = bool(os.environ.get("ZEO_MSGPACK"))
+        if msgpack and not wire.msgpack_available():
+            raise ValueError("msgpack is enabled but the msgpack package "
+                             "is not installed")
+        self.read_only = bool(read_only)
+        self.protocol = (wire.MSGPACK_PROTOCOL if msgpack
+                         else wire.PICKLE_PROTOCOL)
+        self.outbox_limit = outbox_limit
+        self.max_frame_size = max_frame_size
+        self.transaction_timeout = transaction_timeout
+        self.storages = {}
+        for name, storage in storages.items():
+            served = ServedStorage(
+                name, storage, read_only=self.read_only,
+                invalidation_queue_size=invalidation_queue_size,
+                invalidation_age=invalidation_age,
+                client_conflict_resolution=client_conflict_resolution)
+            storage.registerDB(_StorageEvents(served))
+            self.storages[name] = served
+        self._workers = []
+        self._workers_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._close_lock = threading.Lock()
+        self._accepting = None
+        self._listener = make_listener(address, self)
+        self.address = self._listener.server_address
+        self._watchdog = None
+        if transaction_timeout:
+            from zeo.server.watchdog import TransactionWatchdog
+            self._watchdog = TransactionWatchdog(self.storages.values(),
+                                                 transaction_timeout)
+        self.monitor = None
+        if monitor_address is not None:
+            from zeo.server.monitor import MonitorServer
+            self.monitor = MonitorServer(monitor_address, self)
+        logger.info("storages %s", ", ".join(
+            "%s (%s%s)" % (name, served.storage.getName(),
+                           ", read-only" if served.read_only else "")
+            for name, served in self.storages.items()))
+        logger.info("listening on %s", format_address(self.address))
+
+    def start(self):
+        """Begin accepting connections in a background thread."""
+        if self._accepting is not None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.start()
+        if self.monitor is not None:
+            self.monitor.start()
+        self._accepting = threading.Thread(
+            target=self._listener.serve_forever, kwargs={"poll_interval": 0.2},
+            name="zeo-accept-%s" % format_address(self.address), daemon=True)
+        self._accepting.start()
+
+    def serve_forever(self):
+        self.start()
+        self._closed.wait()
+
+    # -- used by sessions ----------------------------------------------------
+
+    def watchdog_status(self):
+        if self._watchdog is None:
+            return "stub"
+        return self._watchdog.is_alive()
+
+    def ruok(self):
+        status = self.watchdog_status()
+        return {name: served.status(status)
+                for name, served in self.storages.items()}
+
+    def start_worker(self, name, function):
+        """Run slow work (pack) in a named thread that close() joins."""
+        thread = threading.Thread(target=function, name="zeo-%s" % name,
+                                  daemon=True)
+        with self._workers_lock:
+            self._workers = [t for t in self._workers if t.is_alive()]
+            self._workers.append(thread)
+        thread.start()
+
+    # -- shutdown -----------------------------------------------------------
+
+    def close(self):
+        """Stop accepting, end every connection (aborting what they had in
+        progress), wait for workers, close the storages.  Idempotent."""
+        with self._close_lock:
+            if self._closed.is_set():
+                return
+            logger.info("shutting down")
+            if self._accepting is not None:
+                self._listener.shutdown()
+                self._accepting.join()
+            self._listener.server_close()
+            if self.monitor is not None:
+                self.monitor.close()
+            self._listener.close_connections()
+            if self._watchdog is not None:
+                self._watchdog.stop()
+            with self._workers_lock:
+                workers = list(self._workers)
+            for thread in workers:
+                thread.join()
+            for name, served in self.storages.items():
+                try:
+                    served.close()
+                except Exception:
+                    logger.exception("closing storage %s failed", name)
+            logger.info("closed")
+            self._closed.set()
+
+
+class _StorageEvents:
+    """What a served storage sees as its database.
+
+    A storage that is itself a client of another server (or otherwise
+    learns of foreign commits) reports them here; we pass them on to our
+    own clients like any commit.
+    """
+
+    def __init__(self, served):
+        self._served = served
+
+    def invalidate(self, tid, oids, version=""):
+        self._served.publish_foreign_commit(tid, list(oids))
+
+    def invalidateCache(self):
+        self._served.invalidate_all()
+
+    def transform_record_data(self, data):
+        return data
+
+    def untransform_record_data(self, data):
+        return data
+
+
+def format_address(address):
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return "%s:%s" % ("[%s]" % host if ":" in host else host, port)
+    return str(address)

@@ -1,0 +1,293 @@
+"""One served storage: its commit lock, publication lock, invalidations.
+
+Every session registered on a storage shares one `ServedStorage`.  It owns
+the three things that make a shared storage consistent for many clients:
+
+* the commit lock (`CommitLock`), taken at vote and released at finish or
+  abort, with a FIFO of parked voters;
+* the publication lock: "apply a commit and queue its invalidations to every
+  other session" is atomic with respect to "read the storage for a reply
+  and queue that reply" (PROTOCOL.md section 9, rules 2, 3, 6, 7);
+* the invalidation queue that answers `getInvalidations`.
+"""
+
+import binascii
+import collections
+import contextlib
+import logging
+import threading
+import time
+
+import ZODB.FileStorage
+import ZODB.MappingStorage
+import ZODB.utils
+from ZODB.POSException import ConflictError
+
+logger = logging.getLogger(__name__)
+
+z64 = ZODB.utils.z64
+
+#: Storages whose methods may be called from many threads at once.  Calls
+#: into any other storage are serialized by a per-storage lock.
+THREAD_SAFE_STORAGES = (
+    ZODB.FileStorage.FileStorage,
+    ZODB.MappingStorage.MappingStorage,
+)
+
+
+class Statistics:
+    """The counters of one storage, as `server_status` reports them."""
+
+    COUNTERS = ("loads", "stores", "commits", "aborts", "active_txns",
+                "conflicts", "conflicts_resolved")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.start = time.ctime()
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+
+    def add(self, name, amount=1):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self):
+        with self._lock:
+            return {name: getattr(self, name) for name in self.COUNTERS}
+
+
+class CommitLock:
+    """The storage's commit lock, handed to parked voters in FIFO order.
+
+    A voter that finds the lock held is parked with a callback instead of
+    blocking its thread: the connection goes on serving loads.  Whoever
+    releases the lock gets the next voter's callback back and runs it after
+    leaving every lock, so a slow vote never runs under our mutex.
+    """
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self.holder = None
+        self.acquired_at = None
+        self._waiting = collections.OrderedDict()  # session -> callback
+
+    @property
+    def waiting(self):
+        return len(self._waiting)
+
+    def acquire_or_park(self, session, on_granted):
+        """Take the lock now (True) or park `on_granted` for later (False)."""
+        with self._mutex:
+            if self.holder is None:
+                self._grant(session)
+                return True
+            self._waiting[session] = on_granted
+            return False
+
+    def release(self, session):
+        """Release the lock if `session` holds it, or unpark it.
+
+        Returns the callback of the voter that now holds the lock, or None.
+        The caller must run it (outside any lock it holds).
+        """
+        with self._mutex:
+            if self.holder is not session:
+                self._waiting.pop(session, None)
+                return None
+            self.holder = self.acquired_at = None
+            if not self._waiting:
+                return None
+            next_session, on_granted = self._waiting.popitem(last=False)
+            self._grant(next_session)
+            return on_granted
+
+    def held(self):
+        """`(holder, acquired_at)`, read together."""
+        with self._mutex:
+            return self.holder, self.acquired_at
+
+    def _grant(self, session):
+        self.holder = session
+        self.acquired_at = time.time()
+
+
+def never_resolve(oid, committed_serial, old_serial, new_pickle,
+                  committed_data=b""):
+    """Stand-in resolver for `client-conflict-resolution`: report, resolve
+    nothing, so the storage never imports application classes."""
+    raise ConflictError(oid=oid, serials=(committed_serial, old_serial),
+                        data=new_pickle)
+
+
+class ServedStorage:
+    """A storage as the server shares it between sessions."""
+
+    def __init__(self, name, storage, read_only=False,
+                 invalidation_queue_size=100, invalidation_age=None,
+                 client_conflict_resolution=False):
+        self.name = name
+        self.storage = storage
+        self.read_only = read_only or storage.isReadOnly()
+        self.invalidation_age = invalidation_age
+        self.client_conflict_resolution = client_conflict_resolution
+        if client_conflict_resolution:
+            storage.tryToResolveConflict = never_resolve
+        self.stats = Statistics()
+        self.commit_lock = CommitLock()
+        self.publication = threading.RLock()
+        if isinstance(storage, THREAD_SAFE_STORAGES):
+            self.access = contextlib.nullcontext()
+        else:
+            self.access = threading.RLock()
+        self.sessions = []
+        self._invalidations = collections.deque(
+            maxlen=max(invalidation_queue_size, 1))
+        self._fill_invalidation_queue()
+        #: Test hook: called with (session, oid) between a load's storage
+        #: read and the queueing of its reply, under the publication lock.
+        self.after_load_read = None
+        self._size_info = None
+        self._size_lock = threading.Lock()
+
+    def _fill_invalidation_queue(self):
+        last_invalidations = getattr(self.storage, "lastInvalidations", None)
+        entries = []
+        if last_invalidations is not None:
+            entries = last_invalidations(self._invalidations.maxlen)
+        if not entries:
+            entries = [(self.storage.lastTransaction() or z64, [])]
+        self._invalidations.clear()
+        self._invalidations.extend(entries)
+
+    # -- sessions -----------------------------------------------------------
+
+    def join(self, session):
+        """Add a session to the broadcast list; return the last tid.
+
+        Both happen under the publication lock, so a commit lands either
+        before (its tid <= the one returned) or after (its invalidation is
+        queued to the new session): none is lost (rule 6).
+        """
+        with self.publication:
+            self.sessions.append(session)
+            return self.last_transaction()
+
+    def leave(self, session):
+        with self.publication:
+            if session in self.sessions:
+                self.sessions.remove(session)
+
+    def last_transaction(self):
+        return self.storage.lastTransaction() or z64
+
+    # -- commits ------------------------------------------------------------
+
+    def finish(self, committer, transaction, changed_oids):
+        """Commit a voted transaction and publish it; return its tid.
+
+        Under the publication lock: the storage's tpc_finish, the queue
+        append, and the invalidation queued on every other session.  No load
+        reply computed before the commit can then follow its invalidation.
+        """
+        tids = []
+        with self.publication:
+            with self.access:
+                returned = self.storage.tpc_finish(transaction, tids.append)
+            tid = tids[0] if tids else returned
+            self._invalidations.append((tid, changed_oids))
+            for session in self.sessions:
+                if session is not committer:
+                    session.queue_invalidation(tid, changed_oids)
+        self.stats.add("commits")
+        self._size_info = None
+        return tid
+
+    def publish_foreign_commit(self, tid, oids):
+        """A commit made behind our back (the storage is itself a client
+        of another server): queue it and tell every session."""
+        with self.publication:
+            self._invalidations.append((tid, oids))
+            for session in self.sessions:
+                session.queue_invalidation(tid, oids)
+        self._size_info = None
+
+    def get_invalidations(self, tid):
+        """`(latest_tid, oids)` committed after `tid`, or None if unknown."""
+        with self.publication:
+            entries = list(self._invalidations)
+        if entries and entries[0][0] <= tid:
+            oids = set()
+            for entry_tid, entry_oids in reversed(entries):
+                if entry_tid <= tid:
+                    break
+                oids.update(entry_oids)
+            return entries[-1][0], list(oids)
+        if self.invalidation_age and self._younger_than_age(tid):
+            return self._invalidations_by_iteration(tid)
+        logger.info("storage %s: tid %s is older than the invalidation queue",
+                    self.name, tid_hex(tid))
+        return None
+
+    def _younger_than_age(self, tid):
+        age = time.time() - ZODB.TimeStamp.TimeStamp(tid).timeTime()
+        return age < self.invalidation_age
+
+    def _invalidations_by_iteration(self, tid):
+        oids = set()
+        latest = tid
+        start = ZODB.utils.p64(ZODB.utils.u64(tid) + 1)
+        with self.access:
+            for transaction in self.storage.iterator(start):
+                oids.update(record.oid for record in transaction)
+                latest = transaction.tid
+        return latest, list(oids)
+
+    def invalidate_all(self):
+        """The storage says every cache is stale: rebuild the queue and
+        disconnect every session, so clients reconnect and verify."""
+        with self.publication:
+            self._fill_invalidation_queue()
+            sessions = list(self.sessions)
+        for session in sessions:
+            session.disconnect("storage invalidated all caches")
+
+    # -- information ----------------------------------------------------------
+
+    def size_info(self):
+        """`{'length', 'size'}` for `info` messages, cached between commits."""
+        info = self._size_info
+        if info is None:
+            with self._size_lock, self.access:
+                info = {"length": len(self.storage),
+                        "size": self.storage.getSize()}
+            self._size_info = info
+        return info
+
+    def forget_size_info(self):
+        self._size_info = None
+
+    def broadcast(self, method, *args):
+        """Queue a one-way call to every session of this storage."""
+        with self.publication:
+            sessions = list(self.sessions)
+        for session in sessions:
+            session.push(method, *args)
+
+    def status(self, transaction_timeout_alive):
+        """The `server_status` dictionary, with ZEO's exact keys."""
+        status = self.stats.snapshot()
+        status["connections"] = len(self.sessions)
+        status["lock_time"] = self.commit_lock.acquired_at
+        status["waiting"] = self.commit_lock.waiting
+        status["start"] = self.stats.start
+        status["timeout-thread-is-alive"] = transaction_timeout_alive
+        status["last-transaction"] = tid_hex(self.last_transaction())
+        return status
+
+    def close(self):
+        with self.access:
+            self.storage.close()
+
+
+def tid_hex(tid):
+    return binascii.hexlify(tid).decode("ascii")

@@ -1,0 +1,321 @@
+"""The ZEO 5 wire format: frames, the handshake and message encoding.
+
+This module never touches a socket.  Bytes go into a `FrameReader`, whole
+frame payloads come out; a `Codec` turns payloads into `Message` tuples and
+back.  Both sides of the connection (our server and our client) use it, so
+everything about the bytes on the wire lives here and can be tested without
+a network.
+
+See PROTOCOL.md sections 1-4 for the format this implements.
+"""
+
+import collections
+import datetime
+import decimal
+import io
+import pickle
+import struct
+
+#: Handshake identifiers: encoding letter + protocol version.
+PICKLE_PROTOCOL = b"Z5"
+MSGPACK_PROTOCOL = b"M5"
+#: The monitoring probe a client may send instead of a protocol identifier.
+RUOK = b"ruok"
+
+#: Flag values of the message tuple (PROTOCOL.md 3.3).
+CALL = False
+ONEWAY = True
+REPLY = 0
+ERROR_REPLY = 2
+
+REPLY_NAME = ".reply"
+HEARTBEAT_MSGID = -1
+
+#: Frames above this size are a protocol error (PROTOCOL.md 1.3).
+DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
+
+_LENGTH = struct.Struct(">I")
+_PICKLE_PROTOCOL_NUMBER = 3
+
+Message = collections.namedtuple("Message", "msgid flag name args")
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that do not follow the protocol.
+
+    The only safe reaction is to close the connection: after a framing or
+    decoding error nothing later on the stream can be trusted.
+    """
+
+
+def frame(payload):
+    """Return `payload` prefixed with its 4-byte big-endian length."""
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frame payloads.
+
+    Feed it whatever `recv()` returned; it keeps partial frames until the
+    rest arrives.  Over-long frames raise `ProtocolError` as soon as their
+    length word is seen, before any of their payload is buffered.
+    """
+
+    def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._needed = None  # payload length of the frame being read
+
+    def feed(self, data):
+        """Add received bytes; return the list of complete payloads."""
+        buffer = self._buffer
+        buffer += data
+        payloads = []
+        start = 0
+        while True:
+            if self._needed is None:
+                if len(buffer) - start < 4:
+                    break
+                (length,) = _LENGTH.unpack_from(buffer, start)
+                if length > self.max_frame_size:
+                    raise ProtocolError(
+                        "frame of %d bytes exceeds the limit of %d bytes"
+                        % (length, self.max_frame_size))
+                self._needed = length
+                start += 4
+            end = start + self._needed
+            if len(buffer) < end:
+                break
+            payloads.append(bytes(buffer[start:end]))
+            start = end
+            self._needed = None
+        if start:
+            del buffer[:start]
+        return payloads
+
+    @property
+    def buffered(self):
+        """Number of bytes received but not yet returned as a payload."""
+        return len(self._buffer)
+
+
+def short_repr(value, limit=60):
+    """A repr cut to `limit` characters, for log lines about bad input."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text
+
+
+# --- pickle encoding ---------------------------------------------------
+
+def _binary(value=b""):
+    """Python 2 clients send bytes as zodbpickle.binary; they are bytes."""
+    return bytes(value)
+
+
+#: What a server-side message unpickler may resolve (PROTOCOL.md 4.2).
+#: Values only: none of these can run code or touch the system.
+SERVER_GLOBALS = {
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytes"): bytes,
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    ("zodbpickle", "binary"): _binary,
+    # Plain values applications put into transaction extensions.
+    ("datetime", "datetime"): datetime.datetime,
+    ("datetime", "date"): datetime.date,
+    ("datetime", "time"): datetime.time,
+    ("datetime", "timedelta"): datetime.timedelta,
+    ("datetime", "timezone"): datetime.timezone,
+    ("decimal", "Decimal"): decimal.Decimal,
+}
+
+
+def _optional_prefix():
+    """ZopeUndo.Prefix is the filter Zope passes to undoInfo, if installed."""
+    try:
+        from ZopeUndo.Prefix import Prefix
+    except ImportError:
+        return {}
+    return {("ZopeUndo.Prefix", "Prefix"): Prefix}
+
+
+SERVER_GLOBALS.update(_optional_prefix())
+
+
+class RefusedGlobals(ProtocolError):
+    """A message named globals outside the allow-list.
+
+    Nothing was resolved: each refused global became an inert placeholder,
+    so `message` is still readable and the receiver can answer with a clear
+    error instead of dropping the connection.
+    """
+
+    def __init__(self, message, names):
+        ProtocolError.__init__(
+            self, "refused global%s %s" % ("s" if len(names) > 1 else "",
+                                           ", ".join(names)))
+        self.message = message
+        self.names = names
+
+
+class RefusedGlobal:
+    """Stands in for a refused global; accepts and ignores everything."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves globals from an explicit table only.
+
+    Nothing is imported on behalf of the peer: a name missing from the
+    table is replaced by `RefusedGlobal` and recorded in `refused`.
+    """
+
+    allowed = {}
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[module, name]
+        except KeyError:
+            self.refused.append("%s.%s" % (module, name))
+            return RefusedGlobal
+
+
+class PickleCodec:
+    """Messages as protocol-3 pickles (the `Z` encoding)."""
+
+    protocol = PICKLE_PROTOCOL
+
+    def __init__(self, allowed_globals=SERVER_GLOBALS):
+        self._unpickler = type(
+            "Unpickler", (_RestrictedUnpickler,),
+            {"allowed": dict(allowed_globals)})
+
+    def encode(self, msgid, flag, name, args):
+        return pickle.dumps((msgid, flag, name, args), _PICKLE_PROTOCOL_NUMBER)
+
+    def decode(self, payload):
+        unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
+        unpickler.refused = []
+        try:
+            value = unpickler.load()
+        except Exception as exc:
+            raise ProtocolError(
+                "cannot decode message %s: %s"
+                % (short_repr(bytes(payload[:40])), exc)) from None
+        message = _as_message(value)
+        if unpickler.refused:
+            raise RefusedGlobals(message, unpickler.refused)
+        return message
+
+
+def _as_message(value):
+    if type(value) is not tuple or len(value) != 4:
+        raise ProtocolError(
+            "message is not a 4-tuple: %s" % short_repr(value))
+    msgid, flag, name, args = value
+    if type(name) is not str:
+        raise ProtocolError("method name is not a str: %s" % short_repr(name))
+    return Message(msgid, flag, name, args)
+
+
+# --- msgpack encoding ----------------------------------------------------
+
+class MsgpackCodec:
+    """Messages as msgpack arrays (the `M` encoding).
+
+    Arrays decode as tuples, as in ZEO (PROTOCOL.md 3.5).  Exceptions found
+    inside a value are sent as `(class_name, payload)` pairs.
+    """
+
+    protocol = MSGPACK_PROTOCOL
+
+    def __init__(self):
+        import msgpack
+        self._packb = msgpack.packb
+        self._unpackb = msgpack.unpackb
+        self._unpack_errors = (ValueError, TypeError, msgpack.UnpackException)
+
+    def encode(self, msgid, flag, name, args):
+        return self._packb((msgid, flag, name, args), use_bin_type=True,
+                           default=_msgpack_default)
+
+    def decode(self, payload):
+        try:
+            value = self._unpackb(payload, raw=False, use_list=False)
+        except self._unpack_errors as exc:
+            raise ProtocolError(
+                "cannot decode message %s: %s"
+                % (short_repr(bytes(payload[:40])), exc)) from None
+        return _as_message(value)
+
+
+def _msgpack_default(value):
+    if isinstance(value, BaseException):
+        return describe_exception(value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(value)
+    raise TypeError("cannot encode %s" % type(value).__name__)
+
+
+def msgpack_available():
+    try:
+        import msgpack  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def codec_for(identifier, allowed_globals=SERVER_GLOBALS):
+    """The codec for a handshake identifier, or ProtocolError."""
+    if identifier == PICKLE_PROTOCOL:
+        return PickleCodec(allowed_globals)
+    if identifier == MSGPACK_PROTOCOL and msgpack_available():
+        return MsgpackCodec()
+    raise ProtocolError("bad handshake %s" % short_repr(bytes(identifier)))
+
+
+# --- error replies -------------------------------------------------------
+
+def exception_class_name(exc):
+    cls = type(exc)
+    return "%s.%s" % (cls.__module__, cls.__name__)
+
+
+def describe_exception(exc):
+    """The `(class_name, payload)` pair ZEO sends for an exception.
+
+    The payload is the instance's `__dict__` if it has one, else its args
+    (PROTOCOL.md 3.6); clients rebuild the exception from that.
+    """
+    return exception_class_name(exc), (vars(exc) or exc.args)
+
+
+def encode_error_reply(codec, msgid, exc):
+    """Encode an error reply that always encodes.
+
+    An exception whose attributes cannot be encoded is sent as the same
+    class name with string arguments, and failing that as a generic server
+    error: the caller must always learn that its call failed.
+    """
+    name, payload = describe_exception(exc)
+    attempts = (
+        (name, payload),
+        (name, tuple(str(arg) for arg in exc.args) or (str(exc),)),
+        ("builtins.ValueError",
+         ("Couldn't pickle response for %s: %s" % (name, exc),)),
+    )
+    for attempt in attempts:
+        try:
+            return codec.encode(msgid, ERROR_REPLY, REPLY_NAME, attempt)
+        except Exception:
+            continue
+    return codec.encode(msgid, ERROR_REPLY, REPLY_NAME,
+                        ("builtins.ValueError", ("Couldn't pickle response",)))
