@@ -59,8 +59,13 @@ class Outbox:
         """Bytes queued and not yet handed to the kernel."""
         return self._pending
 
-    def put(self, data):
-        """Queue one encoded frame.  Returns False if it was dropped."""
+    def put(self, data, wake_writer=True):
+        """Queue one encoded frame.  Returns False if it was dropped.
+
+        The connection's own thread passes `wake_writer=False` and calls
+        `send_pending` right after: waking the writer for bytes that are
+        about to leave anyway would cost two thread switches per reply.
+        """
         with self._lock:
             if self._closing:
                 return False
@@ -74,7 +79,7 @@ class Outbox:
                 overflowed = False
                 self._frames.append(data)
                 self._pending += len(data)
-                if not self._draining:
+                if wake_writer and not self._draining:
                     self._wakeup.notify()
         if overflowed:
             self._shutdown_socket()

@@ -10,9 +10,9 @@ See PROTOCOL.md sections 1-4 for the format this implements.
 """
 
 import collections
-import datetime
-import decimal
+import builtins
 import io
+import reprlib
 import pickle
 import struct
 
@@ -99,38 +99,82 @@ class FrameReader:
         return len(self._buffer)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
 def short_repr(value, limit=60):
-    """A repr cut to `limit` characters, for log lines about bad input."""
-    text = repr(value)
+    """A bounded repr for log lines about bad input: never walks more than
+    a few elements, however large or deep `value` is."""
+    text = _SHORT.repr(value)
     if len(text) > limit:
         text = text[:limit - 3] + "..."
     return text
 
 
+#: A decoded message may hold at most this many values, counted as a tree.
+MAX_MESSAGE_VALUES = 1000000
+#: ... nested at most this deep.
+MAX_MESSAGE_DEPTH = 100
+
+_CONTAINERS = (tuple, list, dict, set, frozenset)
+
+
+def check_bounded(value):
+    """Refuse values that would explode when walked.
+
+    A pickle can reference one object many times: 124 bytes of DUP and
+    TUPLE2 opcodes make a tuple of 2**60 elements once walked by repr,
+    str or a msgpack encoder.  Real clients never share references (they
+    pickle in "fast" mode), so counting values as a tree, with a budget,
+    costs little and stops the bomb.
+    """
+    budget = MAX_MESSAGE_VALUES
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ProtocolError("message holds more than %d values"
+                                % MAX_MESSAGE_VALUES)
+        if type(item) in _CONTAINERS and item:
+            if depth >= MAX_MESSAGE_DEPTH:
+                raise ProtocolError("message nested deeper than %d"
+                                    % MAX_MESSAGE_DEPTH)
+            children = item.items() if type(item) is dict else item
+            depth += 1
+            stack.extend((child, depth) for child in children)
+
+
 # --- pickle encoding ---------------------------------------------------
 
 def _binary(value=b""):
-    """Python 2 clients send bytes as zodbpickle.binary; they are bytes."""
+    """Python 2 clients send bytes as zodbpickle.binary; they are bytes.
+
+    Only bytes and str are converted: `bytes(10**12)` would allocate."""
+    if isinstance(value, str):
+        return value.encode("latin-1")
+    if not isinstance(value, (bytes, bytearray)):
+        raise TypeError("zodbpickle.binary takes bytes, not %s"
+                        % type(value).__name__)
     return bytes(value)
 
 
-#: What a server-side message unpickler may resolve (PROTOCOL.md 4.2).
-#: Values only: none of these can run code or touch the system.
+#: What a server-side message unpickler may resolve (PROTOCOL.md 4.2):
+#: value types whose constructors cannot run code, touch the system, or
+#: allocate much more than the frame they came in (which is why `bytes`
+#: and `bytearray`, which take a size, are not here).
 SERVER_GLOBALS = {
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytes"): bytes,
+    ("builtins", name): getattr(builtins, name)
+    for name in ("set", "frozenset", "dict", "list", "tuple", "str", "int",
+                 "float", "complex", "bool")
+}
+SERVER_GLOBALS.update({
     ("__builtin__", "set"): set,
     ("__builtin__", "frozenset"): frozenset,
     ("zodbpickle", "binary"): _binary,
-    # Plain values applications put into transaction extensions.
-    ("datetime", "datetime"): datetime.datetime,
-    ("datetime", "date"): datetime.date,
-    ("datetime", "time"): datetime.time,
-    ("datetime", "timedelta"): datetime.timedelta,
-    ("datetime", "timezone"): datetime.timezone,
-    ("decimal", "Decimal"): decimal.Decimal,
-}
+})
 
 
 def _optional_prefix():
@@ -210,6 +254,7 @@ class PickleCodec:
             raise ProtocolError(
                 "cannot decode message %s: %s"
                 % (short_repr(bytes(payload[:40])), exc)) from None
+        check_bounded(value)
         message = _as_message(value)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)
@@ -299,23 +344,56 @@ def describe_exception(exc):
 
 
 def encode_error_reply(codec, msgid, exc):
-    """Encode an error reply that always encodes.
+    """Encode an error reply that always encodes and always decodes.
 
-    An exception whose attributes cannot be encoded is sent as the same
-    class name with string arguments, and failing that as a generic server
-    error: the caller must always learn that its call failed.
+    The payload must be made of plain values (and nested exceptions) or a
+    client could not rebuild it: the real ZEO client refuses, and drops the
+    connection on, any other class.  Otherwise the same class name is sent
+    with string arguments, and failing even that, a generic server error:
+    the caller must always learn that its call failed.
     """
-    name, payload = describe_exception(exc)
-    attempts = (
-        (name, payload),
-        (name, tuple(str(arg) for arg in exc.args) or (str(exc),)),
-        ("builtins.ValueError",
-         ("Couldn't pickle response for %s: %s" % (name, exc),)),
-    )
-    for attempt in attempts:
+    name = exception_class_name(exc)
+    payloads = []
+    payload = vars(exc) or exc.args
+    if is_plain(payload):
+        payloads.append(payload)
+    try:
+        payloads.append(tuple(str(arg) for arg in exc.args) or (str(exc),))
+    except Exception:
+        pass  # even str() fails: only the generic error is left
+    for payload in payloads:
         try:
-            return codec.encode(msgid, ERROR_REPLY, REPLY_NAME, attempt)
+            return codec.encode(msgid, ERROR_REPLY, REPLY_NAME,
+                                (name, payload))
         except Exception:
             continue
     return codec.encode(msgid, ERROR_REPLY, REPLY_NAME,
-                        ("builtins.ValueError", ("Couldn't pickle response",)))
+                        ("builtins.ValueError",
+                         ("Couldn't pickle response for %s" % name,)))
+
+
+_PLAIN_SCALARS = frozenset([str, bytes, int, float, bool, type(None)])
+
+
+def is_plain(value):
+    """Whether `value` holds only builtin values and exceptions (whose
+    own attributes are plain too): what any ZEO client can decode."""
+    stack = [value]
+    seen_exceptions = set()
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _PLAIN_SCALARS:
+            continue
+        if kind in (tuple, list, set, frozenset):
+            stack.extend(item)
+        elif kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, Exception):
+            if id(item) not in seen_exceptions:
+                seen_exceptions.add(id(item))
+                stack.append(vars(item) or item.args)
+        else:
+            return False
+    return True

@@ -46,7 +46,7 @@ class ServerConnection:
             data = wire.encode_error_reply(self.codec, msgid, outcome.error)
         else:
             data = self._encode_reply(msgid, outcome.value)
-        self.outbox.put(wire.frame(data))
+        self.outbox.put(wire.frame(data), wake_writer=False)
         self.outbox.send_pending()
 
     def push(self, method, args):
@@ -166,8 +166,8 @@ class ServerConnection:
         """Report a failed call: an error reply, or for a one-way call
         (which has nobody to tell) the end of the connection."""
         if oneway:
-            logger.error("(%s) one-way call %s failed: %r; closing",
-                         self.label, name, error)
+            logger.error("(%s) one-way call %s failed: %s; closing",
+                         self.label, name, wire.short_repr(error, 200))
             self._close_reason = "failed one-way call"
             return False
         self.session.log_error(name, error)
@@ -194,7 +194,8 @@ class ServerConnection:
             try:
                 self.session.tpc_begin_refused(args[0], error)
             except Exception as failure:
-                logger.error("(%s) %r; closing", self.label, failure)
+                logger.error("(%s) %s; closing", self.label,
+                             wire.short_repr(failure, 200))
                 return False
             return True
         self._close_reason = "refused one-way call"
@@ -204,8 +205,8 @@ class ServerConnection:
         try:
             return self.codec.encode(msgid, wire.REPLY, wire.REPLY_NAME, value)
         except Exception as error:
-            logger.error("(%s) cannot encode reply %s: %r", self.label,
-                         wire.short_repr(value), error)
+            logger.error("(%s) cannot encode reply %s: %s", self.label,
+                         wire.short_repr(value), wire.short_repr(error, 200))
             return wire.encode_error_reply(
                 self.codec, msgid, ValueError("Couldn't pickle response"))
 

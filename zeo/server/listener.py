@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import threading
 
 from zeo.server.connection import ServerConnection, format_peer
@@ -25,6 +26,9 @@ class _ConnectionTracking:
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connection attempts when
+    # many clients (re)connect at once, e.g. after a server restart.
+    request_queue_size = socket.SOMAXCONN
 
     def setup_tracking(self, server):
         self.zeo_server = server
@@ -86,8 +90,7 @@ class UnixListener(_ConnectionTracking, socketserver.UnixStreamServer):
 def make_listener(address, server):
     """Bind `address`: a (host, port) pair or a Unix socket path."""
     if isinstance(address, str):
-        if os.path.exists(address):
-            _remove_stale_socket(address)
+        remove_stale_socket(address)
         listener_class = UnixListener
     elif ":" in (address[0] or ""):
         listener_class = TCP6Listener
@@ -104,9 +107,19 @@ def make_listener(address, server):
     return listener
 
 
-def _remove_stale_socket(path):
-    """A socket file nobody listens on is left from a crash: remove it.
-    One that answers belongs to a running server: refuse to steal it."""
+def remove_stale_socket(path):
+    """Make room for a Unix socket at `path`.
+
+    A socket file nobody listens on is left from a crash: remove it.  One
+    that answers belongs to a running server, and anything that is not a
+    socket (a mistyped path to a Data.fs, say) is never deleted.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError("%s exists and is not a socket" % path)
     probe = socket.socket(socket.AF_UNIX)
     try:
         probe.connect(path)
@@ -116,3 +129,11 @@ def _remove_stale_socket(path):
         raise OSError("address %s already in use" % path)
     finally:
         probe.close()
+
+
+def format_address(address):
+    """`host:port` (IPv6 hosts bracketed), or a Unix socket path."""
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return "%s:%s" % ("[%s]" % host if ":" in host else host, port)
+    return str(address)

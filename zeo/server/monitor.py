@@ -7,11 +7,12 @@ client for long: a peer that does not read its report is dropped.
 """
 
 import logging
-import os
 import socket
 import threading
 import time
 from importlib import metadata
+
+from zeo.server.listener import format_address, remove_stale_socket
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class MonitorServer:
         self._server = server
         self._address = address
         if isinstance(address, str):
-            if os.path.exists(address):
-                os.unlink(address)
+            remove_stale_socket(address)
             self._socket = socket.socket(socket.AF_UNIX)
         else:
             self._socket = socket.socket(socket.AF_INET)
@@ -71,7 +71,7 @@ class MonitorServer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve,
                                         name="zeo-monitor", daemon=True)
-        logger.info("monitor listening on %s", self.address)
+        logger.info("monitor server on %s", format_address(self.address))
 
     def start(self):
         self._thread.start()

@@ -6,7 +6,7 @@ import threading
 
 from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
-from zeo.server.listener import make_listener
+from zeo.server.listener import format_address, make_listener
 from zeo.server.storage import ServedStorage
 
 logger = logging.getLogger("zeo.server")
@@ -44,7 +44,6 @@ class StorageServer:
                 invalidation_queue_size=invalidation_queue_size,
                 invalidation_age=invalidation_age,
                 client_conflict_resolution=client_conflict_resolution)
-            storage.registerDB(_StorageEvents(served))
             self.storages[name] = served
         self._workers = []
         self._workers_lock = threading.Lock()
@@ -53,6 +52,8 @@ class StorageServer:
         self._accepting = None
         self._listener = make_listener(address, self)
         self.address = self._listener.server_address
+        for served in self.storages.values():
+            served.storage.registerDB(_StorageEvents(served))
         self._watchdog = None
         if transaction_timeout:
             from zeo.server.watchdog import TransactionWatchdog
@@ -70,8 +71,12 @@ class StorageServer:
 
     def start(self):
         """Begin accepting connections in a background thread."""
-        if self._accepting is not None:
-            return
+        with self._close_lock:
+            if self._accepting is not None or self._closed.is_set():
+                return
+            self._start_threads()
+
+    def _start_threads(self):
         if self._watchdog is not None:
             self._watchdog.start()
         if self.monitor is not None:
@@ -161,8 +166,3 @@ class _StorageEvents:
         return data
 
 
-def format_address(address):
-    if isinstance(address, tuple):
-        host, port = address[:2]
-        return "%s:%s" % ("[%s]" % host if ":" in host else host, port)
-    return str(address)

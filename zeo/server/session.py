@@ -19,6 +19,7 @@ from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
 from ZODB.serialize import referencesf
 
 from zeo.server.commit import Buffering, Voted
+from zeo.wire import short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ class Session:
     def register(self, storage_name, read_only):
         served = self.server.storages.get(storage_name)
         if served is None:
-            self.log("unknown storage %r", storage_name, level=logging.WARNING)
+            self.log("unknown storage %s", short_repr(storage_name),
+                     level=logging.WARNING)
             raise ValueError("unknown storage: %s" % (storage_name,))
         if not read_only and (self.read_only or served.read_only):
             raise ReadOnlyError()
@@ -227,7 +229,7 @@ class Session:
         with self._txn_lock:
             if self._txn is not None:
                 if self._txn.txn_id == txn_id:
-                    self.log("duplicate tpc_begin(%r) ignored", txn_id,
+                    self.log("duplicate tpc_begin(%s) ignored", short_repr(txn_id),
                              level=logging.WARNING)
                     return
                 raise StorageTransactionError(
@@ -429,8 +431,8 @@ class Session:
         info = self._last_transaction_seen[txn_iid]
         if info.tid != tid:
             raise ValueError(
-                "Out-of-order request for record iterator for transaction %r"
-                % (tid,))
+                "Out-of-order request for record iterator for transaction %s"
+                % short_repr(tid))
         return self._new_iterator(iter(info))
 
     def iterator_record_next(self, iid):
@@ -506,6 +508,7 @@ class Session:
 
     def log_error(self, method, error):
         if isinstance(error, EXPECTED_ERRORS):
-            self.log("%s: %s", method, error, level=logging.DEBUG)
+            self.log("%s: %s", method, short_repr(error, 200),
+                     level=logging.DEBUG)
         else:
             self.log("%s raised", method, level=logging.ERROR, exc_info=error)

@@ -1,0 +1,254 @@
+"""The ordering rules of PROTOCOL.md section 9, forced, not hoped for.
+
+Each test runs the server in this process (real sockets on 127.0.0.1, a
+real FileStorage) so it can pause the server at the exact point where a
+thread-per-connection server could reorder messages, then checks the bytes
+each client received, in order.
+"""
+
+import threading
+import time
+
+import pytest
+from ZODB.FileStorage import FileStorage
+from ZODB.tests.MinPO import MinPO
+from ZODB.tests.StorageTestBase import zodb_pickle
+from ZODB.utils import maxtid, p64, z64
+
+from raw_client import RawClient, RemoteError
+from zeo.server import StorageServer
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = z64
+OTHER = p64(1)
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    servers = []
+
+    def make(**options):
+        storage = FileStorage(str(tmp_path / ("Data%d.fs" % len(servers))))
+        server = StorageServer(("127.0.0.1", 0), {"1": storage}, **options)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+def connect(server):
+    client = RawClient(server.address)
+    client.handshake()
+    client.register()
+    return client
+
+
+def begin_and_store(client, txn_id, stores):
+    client.send_oneway("tpc_begin", txn_id, b"", b"", {}, None, " ")
+    for oid, serial, value in stores:
+        client.send_oneway("storea", oid, serial, zodb_pickle(MinPO(value)),
+                           txn_id)
+
+
+def commit(client, txn_id, stores):
+    begin_and_store(client, txn_id, stores)
+    client.call("vote", txn_id)
+    return client.call("tpc_finish", txn_id)
+
+
+def messages_until_reply(client, msgid, timeout=10):
+    """Every message read up to and including the reply to `msgid`."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = client.read_message(deadline - time.monotonic())
+        seen.append(message)
+        if message.name == ".reply" and message.msgid == msgid:
+            return seen
+
+
+def test_load_read_before_a_commit_is_sent_before_its_invalidation(server):
+    """Rule 3: a load reply computed before commit T leaves before T's
+    invalidation, so the client never caches stale data as current."""
+    writer = connect(server)
+    first = commit(writer, 1, [(ROOT, z64, 1)])
+    reader = connect(server)
+
+    read_done = threading.Event()
+    may_reply = threading.Event()
+
+    def pause_reader_load(session, oid):
+        if session.channel.label.startswith("paused"):
+            read_done.set()
+            assert may_reply.wait(10)
+
+    server.storages["1"].after_load_read = pause_reader_load
+    reader.call("set_client_label", "paused")  # label is per connection
+    load_id = (ROOT, maxtid)
+    reader.send_message(load_id, False, "loadBefore", (ROOT, maxtid))
+    assert read_done.wait(10)
+
+    # The commit cannot publish while the load is between read and reply.
+    begin_and_store(writer, 2, [(ROOT, first, 2)])
+    assert writer.call("vote", 2) == []
+    writer.send_message(99, False, "tpc_finish", (2,))
+    with pytest.raises(TimeoutError):
+        writer.read_message(timeout=0.5)
+
+    may_reply.set()
+    second = messages_until_reply(writer, 99)[-1].args
+    seen = [reader.read_message(), reader.read_message()]
+    assert seen[0].name == ".reply" and seen[0].msgid == load_id
+    data, start, end = seen[0].args
+    assert (start, end) == (first, None)
+    assert seen[1].name == "invalidateTransaction"
+    assert seen[1].args == (second, [ROOT])
+
+
+def test_register_racing_a_commit_loses_no_invalidation(server):
+    """Rule 6: a client registering while a commit publishes either gets
+    the new tid from register or the commit's invalidation."""
+    writer = connect(server)
+    first = commit(writer, 1, [(ROOT, z64, 1)])
+    storage = server.storages["1"].storage
+    finishing = threading.Event()
+    may_finish = threading.Event()
+    real_finish = storage.tpc_finish
+
+    def paused_finish(transaction, callback=None):
+        finishing.set()
+        assert may_finish.wait(10)
+        return real_finish(transaction, callback)
+
+    storage.tpc_finish = paused_finish
+    begin_and_store(writer, 2, [(ROOT, first, 2)])
+    writer.call("vote", 2)
+    writer.send_message(7, False, "tpc_finish", (2,))
+    assert finishing.wait(10)
+
+    newcomer = RawClient(server.address)
+    newcomer.handshake()
+    newcomer.send_message(1, False, "register", ("1", False))
+    with pytest.raises(TimeoutError):
+        newcomer.read_message(timeout=0.5)
+    may_finish.set()
+    second = messages_until_reply(writer, 7)[-1].args
+    registered = newcomer.read_message()
+    assert registered.msgid == 1
+    assert registered.args == second
+    newcomer.call("ping")
+    assert newcomer.server_calls == []  # nothing older than register's tid
+
+
+def test_waiting_voter_keeps_loading_and_sees_winner_first(server):
+    """Rules 4 and 9 (and 3.9): a parked vote does not block the voter's
+    loads, and its reply follows the winner's invalidation."""
+    first_client = connect(server)
+    base = commit(first_client, 1, [(ROOT, z64, 1)])
+    second_client = connect(server)
+
+    begin_and_store(first_client, 2, [(ROOT, base, 2)])
+    assert first_client.call("vote", 2) == []  # holds the commit lock
+
+    begin_and_store(second_client, 3, [(ROOT, base, 3)])
+    second_client.send_message(50, False, "vote", (3,))
+    # Parked, yet the same connection is served:
+    data, start, end = second_client.call("loadBefore", ROOT, maxtid)
+    assert (start, end) == (base, None)
+    assert second_client.call("lastTransaction") == base
+    assert server.storages["1"].status("stub")["waiting"] == 1
+
+    winner = first_client.call("tpc_finish", 2)
+    seen = messages_until_reply(second_client, 50)
+    assert [m.name for m in seen] == ["invalidateTransaction", ".reply"]
+    assert seen[0].args == (winner, [ROOT])
+    class_name, payload = seen[1].args
+    assert seen[1].flag == 2
+    assert class_name == "ZODB.POSException.ConflictError"
+    assert payload["serials"] == (winner, base)
+    assert second_client.call("tpc_abort", 3) is None
+    status = server.storages["1"].status("stub")
+    assert (status["conflicts"], status["waiting"]) == (1, 0)
+    assert status["lock_time"] is None
+
+
+def test_committer_gets_info_then_reply_and_no_invalidation(server):
+    """Rule 5."""
+    client = connect(server)
+    client.server_calls.clear()
+    begin_and_store(client, 1, [(ROOT, z64, 1)])
+    client.call("vote", 1)
+    client.send_message(9, False, "tpc_finish", (1,))
+    seen = messages_until_reply(client, 9)
+    assert [m.name for m in seen] == ["info", ".reply"]
+    assert set(seen[0].args[0]) == {"length", "size"}
+    assert seen[0].args[0]["length"] == 1
+
+
+def test_disconnect_while_holding_the_lock_hands_it_on(server):
+    holder = connect(server)
+    base = commit(holder, 1, [(ROOT, z64, 1)])
+    waiter = connect(server)
+    begin_and_store(holder, 2, [(OTHER, z64, 5)])
+    holder.call("vote", 2)
+    begin_and_store(waiter, 3, [(ROOT, base, 2)])
+    waiter.send_message(11, False, "vote", (3,))
+    holder.close()
+    assert messages_until_reply(waiter, 11)[-1].args == []
+    tid = waiter.call("tpc_finish", 3)
+    assert waiter.call("loadBefore", ROOT, maxtid)[1] == tid
+    with pytest.raises(RemoteError) as missing:
+        waiter.call("loadBefore", OTHER, maxtid)
+    assert missing.value.class_name == "ZODB.POSException.POSKeyError"
+    status = server.storages["1"].status("stub")
+    assert status["aborts"] == 1 and status["active_txns"] == 0
+
+
+def test_watchdog_aborts_releases_and_disconnects(make_server):
+    server = make_server(transaction_timeout=1)
+    stuck = connect(server)
+    base = commit(stuck, 1, [(ROOT, z64, 1)])
+    other = connect(server)
+    begin_and_store(stuck, 2, [(ROOT, base, 2)])
+    stuck.call("vote", 2)  # and never finishes
+    begin_and_store(other, 3, [(ROOT, base, 3)])
+    started = time.monotonic()
+    assert other.call("vote", 3, timeout=15) == []
+    assert 0.9 <= time.monotonic() - started < 10
+    assert stuck.is_closed(5)
+    tid = other.call("tpc_finish", 3)
+    assert other.call("loadBefore", ROOT, maxtid)[1] == tid
+    status = server.storages["1"].status("stub")
+    assert status["aborts"] == 1 and status["connections"] == 1
+
+
+def test_client_that_never_reads_is_dropped_without_stalling_others(
+        make_server):
+    server = make_server(outbox_limit=256 * 1024)
+    writer = connect(server)
+    commit(writer, 1, [(ROOT, z64, "x" * 100000)])
+    hog = connect(server)
+    # 40 MB of replies: far more than the kernel's socket buffers hold.
+    for msgid in range(1, 400):
+        try:
+            hog.send_message(msgid, False, "loadBefore", (ROOT, maxtid))
+        except OSError:
+            break
+    # Commits (of another object: the hog's replies stay big) and their
+    # invalidation broadcasts go on meanwhile.
+    serial = z64
+    for txn_id in range(2, 6):
+        serial = commit(writer, txn_id, [(OTHER, serial, txn_id)])
+    deadline = time.monotonic() + 10
+    while server.storages["1"].status("stub")["connections"] > 1:
+        assert time.monotonic() < deadline, "the hog was never dropped"
+        time.sleep(0.05)

@@ -1,0 +1,660 @@
+"""Run a storage server: ``python -m zeo.runzeo``.
+
+This module turns a command line and an optional ZConfig file (described by
+``schema.xml`` beside it) into a running `zeo.server.StorageServer`, and
+owns everything about the process around it: logging set-up, the PID file,
+signals and the exit status.
+
+A configuration the user must fix (a missing or malformed value, a storage
+that cannot be opened, an address already in use) is reported as a single
+``Error: ...`` line on standard error with exit status 2, because whoever
+starts a server from a shell or a service manager needs the reason, not a
+traceback.
+"""
+
+import argparse
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import typing
+
+import ZConfig
+import ZConfig.components.logger.loghandler
+import ZConfig.datatypes
+import ZODB.FileStorage
+
+from zeo import wire
+from zeo.server import StorageServer
+
+#: Named explicitly: run with -m, this module's __name__ is "__main__".
+logger = logging.getLogger("zeo.runzeo")
+
+DISTRIBUTION = "zeo-threaded"
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "schema.xml")
+DEFAULT_STORAGE_NAME = "1"
+DEFAULT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+#: Exit statuses.  SIGHUP exits with STOPPED_FOR_RESTART so that a process
+#: supervisor that restarts on failure brings the server back up.
+EXIT_OK = 0
+EXIT_STOPPED_FOR_RESTART = 1
+EXIT_CONFIGURATION_ERROR = 2
+
+#: How long to wait for the serving thread once the server is closed.
+SERVE_THREAD_JOIN_TIMEOUT = 60
+
+DESCRIPTION = """\
+Serve ZODB storages to ZEO clients.
+
+Either give a configuration file with -C, or at least an address (-a) and
+one FileStorage (-f).  Options given on the command line override the
+values of the configuration file; -f replaces all of its storages.
+"""
+
+EPILOG = """\
+Addresses: HOST:PORT listens on one interface, PORT on all of them, and a
+value containing "/" is a Unix socket path.  Port 0 picks a free port; the
+"listening on" log line shows which.
+
+Signals: SIGTERM and SIGINT stop the server (exit status 0), SIGHUP stops
+it with exit status 1 (for supervisors that restart on failure), SIGUSR2
+reopens the log files configured in <eventlog>.  Configuration errors exit
+with status 2.
+"""
+
+
+class ConfigurationError(Exception):
+    """A problem with the command line or configuration file.
+
+    Reported to the user as one ``Error:`` line, never as a traceback.
+    """
+
+
+def distribution_version():
+    """Our version, from the installed distribution's metadata."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (%s is not installed)" % DISTRIBUTION
+
+
+def parse_address(text):
+    """Convert an address as the user writes it to what the server binds.
+
+    ``HOST:PORT`` gives ``(HOST, PORT)``, a bare ``PORT`` gives ``("",
+    PORT)`` (all interfaces) and anything containing "/" is a Unix socket
+    path.  Raises ValueError with a message meant for the user.
+    """
+    try:
+        parsed = ZConfig.datatypes.SocketBindingAddress(text)
+    except ValueError as error:
+        if _has_bad_port(text):
+            error = "the port must be a number from 0 to 65535"
+        raise ValueError("invalid address %r: %s" % (text, error)) from None
+    return address_from_config(parsed, text)
+
+
+def _has_bad_port(text):
+    """Whether the port part of a HOST:PORT or PORT address is malformed."""
+    port = text.rpartition(":")[2]
+    return not (port.isdigit() and int(port) <= 0xFFFF)
+
+
+def address_from_config(parsed, text=None):
+    """The server address for a ZConfig ``socket-binding-address`` value."""
+    if parsed.family == getattr(socket, "AF_UNIX", None):
+        return parsed.address
+    host, port = parsed.address
+    if port is None:
+        raise ValueError(
+            "address %r has no port; give HOST:PORT or PORT (port 0 lets "
+            "the system choose a free one)" % (text or host))
+    return host, port
+
+
+def format_address(address):
+    """An address as log lines and error messages show it."""
+    if isinstance(address, str):
+        return address
+    host, port = address[:2]
+    if ":" in host:
+        return "[%s]:%s" % (host, port)
+    return "%s:%s" % (host, port)
+
+
+class FileStorageOpener:
+    """Opens the FileStorage of a ``-f`` option.
+
+    It has the ``name`` and ``open()`` of ZODB's configured storages, so
+    storages from the command line and from a configuration file are
+    handled alike.
+    """
+
+    def __init__(self, name, path):
+        self.name = name
+        self.path = path
+
+    def open(self):
+        return ZODB.FileStorage.FileStorage(self.path)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """Everything needed to run a server, after merging all sources."""
+
+    address: typing.Union[str, tuple]
+    storages: list
+    read_only: bool = False
+    invalidation_queue_size: int = 100
+    invalidation_age: typing.Optional[float] = None
+    transaction_timeout: typing.Optional[float] = None
+    monitor_address: typing.Union[str, tuple, None] = None
+    pid_filename: typing.Optional[str] = None
+    client_conflict_resolution: bool = False
+    msgpack: bool = False
+    eventlog: typing.Optional[typing.Callable] = None
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser that raises instead of printing and exiting.
+
+    argparse's own error output is several lines long and exits by itself;
+    we want the single ``Error:`` line that every other configuration
+    problem gets.
+    """
+
+    def error(self, message):
+        raise ConfigurationError("%s (see --help)" % message)
+
+
+def _argument_type(convert):
+    """Wrap a converter so argparse shows its ValueError message."""
+    def converter(text):
+        try:
+            return convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return converter
+
+
+def _seconds(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("%r is not a number of seconds" % text) from None
+
+
+def _whole_number(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("%r is not a whole number" % text) from None
+
+
+def build_argument_parser():
+    parser = _ArgumentParser(
+        prog="python -m zeo.runzeo", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)
+    parser.add_argument(
+        "-C", "--configure", metavar="FILE",
+        help="configuration file (or URL) with a <zeo> section, storage "
+             "sections and optionally an <eventlog> section")
+    parser.add_argument(
+        "-a", "--address", metavar="ADDR", type=_argument_type(parse_address),
+        help="where to listen: HOST:PORT, PORT or a Unix socket path")
+    parser.add_argument(
+        "-f", "--filename", metavar="FILE", action="append", default=[],
+        help="serve the FileStorage in FILE (created if missing); repeat "
+             "for several storages, named 1, 2, ... in order")
+    parser.add_argument(
+        "-r", "--read-only", action="store_true",
+        help="refuse every commit")
+    parser.add_argument(
+        "-t", "--timeout", metavar="SECONDS",
+        type=_argument_type(_seconds),
+        help="abort a transaction that holds a commit lock longer than this")
+    parser.add_argument(
+        "--invalidation-queue-size", metavar="N",
+        type=_argument_type(_whole_number),
+        help="recent transactions remembered per storage for reconnecting "
+             "clients (default 100)")
+    parser.add_argument(
+        "-m", "--monitor-address", metavar="ADDR",
+        type=_argument_type(parse_address),
+        help="also serve a plain-text statistics report at ADDR")
+    parser.add_argument(
+        "--pid-file", metavar="PATH",
+        type=_argument_type(ZConfig.datatypes.existing_dirpath),
+        help="write the process id to PATH while serving")
+    parser.add_argument(
+        "--version", action="version",
+        version="%s %s" % (DISTRIBUTION, distribution_version()))
+    return parser
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def load_config_file(url):
+    """Load a server configuration file; ConfigurationError if it is bad."""
+    if "://" not in url and not os.path.exists(url):
+        raise ConfigurationError(
+            "the configuration file %s does not exist" % url)
+    try:
+        schema = ZConfig.loadSchema(SCHEMA_PATH)
+        config, _handlers = ZConfig.loadConfig(schema, url)
+    except ZConfig.DataConversionError as error:
+        raise ConfigurationError(
+            "%s: invalid value %r: %s (line %s)"
+            % (url, error.value, error.message, error.lineno)) from None
+    except ZConfig.ConfigurationError as error:
+        if url in str(error):
+            raise ConfigurationError(str(error)) from None
+        raise ConfigurationError("%s: %s" % (url, error)) from None
+    return config
+
+
+def msgpack_from_environment():
+    """The encoding default, as with ZEO: msgpack if ZEO_MSGPACK is set."""
+    return bool(os.environ.get("ZEO_MSGPACK"))
+
+
+def _named_storages(openers):
+    """Give the unnamed storage section its name, "1", checking the rules.
+
+    At most one section may be unnamed, and then none may be named "1".
+    """
+    unnamed = [opener for opener in openers if opener.name is None]
+    if len(unnamed) > 1:
+        raise ConfigurationError("only one storage section may be unnamed")
+    if unnamed:
+        if any(opener.name == DEFAULT_STORAGE_NAME for opener in openers):
+            raise ConfigurationError(
+                "an unnamed storage section is served as %r, so no other "
+                "storage section may be named %r"
+                % (DEFAULT_STORAGE_NAME, DEFAULT_STORAGE_NAME))
+        unnamed[0].name = DEFAULT_STORAGE_NAME
+    return openers
+
+
+def _address_or_error(parsed, what):
+    try:
+        return address_from_config(parsed)
+    except ValueError as error:
+        raise ConfigurationError("%s: %s" % (what, error)) from None
+
+
+def _options_from_config(config):
+    section = config.zeo
+    msgpack = section.msgpack
+    if msgpack is None:
+        msgpack = msgpack_from_environment()
+    monitor_address = None
+    if section.monitor_address is not None:
+        monitor_address = _address_or_error(
+            section.monitor_address, "monitor-address")
+    return ServerOptions(
+        address=_address_or_error(section.address, "address"),
+        storages=_named_storages(list(config.storages)),
+        read_only=section.read_only,
+        invalidation_queue_size=section.invalidation_queue_size,
+        invalidation_age=section.invalidation_age,
+        transaction_timeout=section.transaction_timeout,
+        monitor_address=monitor_address,
+        pid_filename=section.pid_filename,
+        client_conflict_resolution=section.client_conflict_resolution,
+        msgpack=msgpack,
+        eventlog=config.eventlog,
+    )
+
+
+def parse_options(argv=None):
+    """Merge the command line and the configuration file it names.
+
+    Raises ConfigurationError for anything the user must fix; -h and
+    --version exit here, as users expect.
+    """
+    arguments = build_argument_parser().parse_args(argv)
+    if arguments.configure is not None:
+        options = _options_from_config(load_config_file(arguments.configure))
+    else:
+        if arguments.address is None:
+            raise ConfigurationError(
+                "no address to listen on; use -a or -C (see --help)")
+        if not arguments.filename:
+            raise ConfigurationError(
+                "no storages to serve; use -f or -C (see --help)")
+        options = ServerOptions(
+            address=arguments.address, storages=[],
+            msgpack=msgpack_from_environment())
+    if arguments.address is not None:
+        options.address = arguments.address
+    if arguments.filename:
+        options.storages = [
+            FileStorageOpener(str(number), path)
+            for number, path in enumerate(arguments.filename, 1)]
+    if arguments.read_only:
+        options.read_only = True
+    if arguments.timeout is not None:
+        options.transaction_timeout = arguments.timeout
+    if arguments.invalidation_queue_size is not None:
+        options.invalidation_queue_size = arguments.invalidation_queue_size
+    if arguments.monitor_address is not None:
+        options.monitor_address = arguments.monitor_address
+    if arguments.pid_file is not None:
+        options.pid_filename = arguments.pid_file
+    _check_values(options)
+    return options
+
+
+def _check_values(options):
+    """Reject values that the schema's datatypes let through."""
+    if options.invalidation_queue_size < 0:
+        raise ConfigurationError("invalidation-queue-size cannot be negative")
+    if options.transaction_timeout is not None \
+            and options.transaction_timeout <= 0:
+        raise ConfigurationError(
+            "transaction-timeout must be more than 0 seconds")
+    if options.invalidation_age is not None and options.invalidation_age < 0:
+        raise ConfigurationError("invalidation-age cannot be negative")
+    if options.msgpack and not wire.msgpack_available():
+        raise ConfigurationError(
+            "msgpack is requested but the msgpack package is not installed")
+
+
+def configure_logging(options):
+    """Log as the <eventlog> section says, or INFO and above to stderr."""
+    if options.eventlog is not None:
+        try:
+            options.eventlog()
+        except OSError as error:
+            raise ConfigurationError(
+                "cannot open a log file: %s" % error) from None
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(DEFAULT_LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _accepts_connections(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def prepare_unix_socket(path):
+    """Check a Unix socket path before anything binds it.
+
+    A socket file nothing answers on is left from a server that is gone
+    (binding fails while it exists, so it would block a restart): remove
+    it.  A socket something answers on is in use.  Anything else at the
+    path is refused, never removed: it is most likely a mistyped path, and
+    it could be a database file.
+    """
+    if not os.path.lexists(path):
+        return
+    if not _is_socket(path):
+        raise ConfigurationError(
+            "%s exists and is not a socket; refusing to replace it" % path)
+    if _accepts_connections(path):
+        raise ConfigurationError("address %s is already in use" % path)
+    logger.info("removing the stale socket file %s", path)
+    os.unlink(path)
+
+
+def _close_storage_logging_errors(name, storage):
+    """Close a storage the server never took over, whatever happens."""
+    try:
+        storage.close()
+    except Exception:
+        logger.exception("error closing storage %r", name)
+
+
+class SignalPipe:
+    """Carries signals, and the end of serving, to the main thread.
+
+    The main thread sleeps in `wait` on a pipe, and the pipe is the
+    interpreter's signal wakeup fd: the C-level handler writes each
+    signal's number into it in whatever thread the kernel delivered the
+    signal to.  A Python-level handler alone would not do: it runs only in
+    the main thread and only between bytecodes, so a signal delivered to
+    one of the server's threads would leave the main thread asleep in
+    `read` forever.  Acting on the number in the main thread's ordinary
+    context also means no lock is ever taken inside a signal handler,
+    where the interrupted code might already hold it.
+    """
+
+    #: Written when the serving thread ends; no signal has number 0.
+    SERVING_ENDED = 0
+
+    def __init__(self):
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+
+    def catch(self, signums):
+        """Route `signums` into the pipe (call from the main thread)."""
+        for signum in signums:
+            signal.signal(signum, _signal_number_is_in_the_pipe)
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+    def notify(self, number):
+        try:
+            os.write(self._write_fd, bytes([number]))
+        except BlockingIOError:
+            # The pipe is full of earlier, still unread notifications;
+            # the main thread wakes up anyway.
+            pass
+
+    def wait(self):
+        """Block until a notification arrives; return its number."""
+        return os.read(self._read_fd, 1)[0]
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+def _signal_number_is_in_the_pipe(_signum, _frame):
+    """Python-level handler of the signals `SignalPipe` catches.
+
+    Installing it is what makes the interpreter catch the signal (and
+    write it to the wakeup fd) instead of taking the default action; the
+    work happens in the main thread once `SignalPipe.wait` returns.
+    """
+
+
+STOPPING_SIGNALS = {
+    signal.SIGTERM: EXIT_OK,
+    signal.SIGINT: EXIT_OK,
+    signal.SIGHUP: EXIT_STOPPED_FOR_RESTART,
+}
+
+
+class ServerRunner:
+    """Runs one server for the life of the process."""
+
+    def __init__(self, options):
+        self.options = options
+        self._signals = SignalPipe()
+        self._storages = {}
+        self._server = None
+        self._pid_written = False
+        self._serving_failed = False
+
+    def run(self):
+        """Serve until stopped; return the process exit status."""
+        try:
+            return self._run()
+        finally:
+            self._shut_down()
+            self._signals.close()
+
+    def _run(self):
+        configure_logging(self.options)
+        self._install_signal_handlers()
+        logger.info("%s %s starting (pid %d)", DISTRIBUTION,
+                    distribution_version(), os.getpid())
+        for address in (self.options.address, self.options.monitor_address):
+            if isinstance(address, str):
+                prepare_unix_socket(address)
+        self._open_storages()
+        self._server = self._create_server()
+        self._write_pid_file()
+        serving = threading.Thread(
+            target=self._serve, name="zeo-serve-forever", daemon=True)
+        serving.start()
+        status = self._wait_for_stop()
+        self._shut_down()
+        serving.join(SERVE_THREAD_JOIN_TIMEOUT)
+        if serving.is_alive():
+            logger.error("the server did not stop serving within %ss",
+                         SERVE_THREAD_JOIN_TIMEOUT)
+        logger.info("stopped")
+        return status
+
+    def _install_signal_handlers(self):
+        if hasattr(signal, "SIGXFSZ"):
+            # Writing past the file size limit must fail with an error the
+            # storage reports, not kill the process mid-transaction.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        self._signals.catch(list(STOPPING_SIGNALS) + [signal.SIGUSR2])
+
+    def _open_storages(self):
+        for opener in self.options.storages:
+            logger.info("opening storage %r", opener.name)
+            try:
+                storage = opener.open()
+            except Exception as error:
+                raise ConfigurationError(
+                    "cannot open storage %r: %s: %s"
+                    % (opener.name, type(error).__name__,
+                       _one_line(error))) from None
+            self._storages[opener.name] = storage
+            logger.info("opened storage %r: %s", opener.name,
+                        storage.getName())
+
+    def _create_server(self):
+        options = self.options
+        try:
+            return StorageServer(
+                options.address, self._storages,
+                read_only=options.read_only,
+                invalidation_queue_size=options.invalidation_queue_size,
+                invalidation_age=options.invalidation_age,
+                transaction_timeout=options.transaction_timeout,
+                client_conflict_resolution=(
+                    options.client_conflict_resolution),
+                msgpack=options.msgpack,
+                monitor_address=options.monitor_address)
+        except OSError as error:
+            raise ConfigurationError(
+                "cannot listen on %s: %s"
+                % (self._addresses_text(), error.strerror or error)) from None
+
+    def _addresses_text(self):
+        text = format_address(self.options.address)
+        if self.options.monitor_address is not None:
+            text += " (monitor %s)" % format_address(
+                self.options.monitor_address)
+        return text
+
+    def _write_pid_file(self):
+        path = self.options.pid_filename
+        if path is None:
+            return
+        try:
+            with open(path, "w") as pid_file:
+                pid_file.write("%d\n" % os.getpid())
+        except OSError as error:
+            raise ConfigurationError(
+                "cannot write the pid file %s: %s"
+                % (path, error.strerror or error)) from None
+        self._pid_written = True
+
+    def _remove_pid_file(self):
+        """Remove the pid file, unless another process has taken it over."""
+        path = self.options.pid_filename
+        try:
+            with open(path) as pid_file:
+                if pid_file.read().strip() != str(os.getpid()):
+                    return
+            os.unlink(path)
+        except OSError as error:
+            logger.warning("cannot remove the pid file %s: %s", path, error)
+
+    def _serve(self):
+        try:
+            self._server.serve_forever()
+        except Exception:
+            logger.exception("the server stopped serving on an error")
+            self._serving_failed = True
+        finally:
+            self._signals.notify(SignalPipe.SERVING_ENDED)
+
+    def _wait_for_stop(self):
+        while True:
+            number = self._signals.wait()
+            if number == SignalPipe.SERVING_ENDED:
+                if not self._serving_failed:
+                    logger.error("the server stopped serving unexpectedly")
+                return EXIT_STOPPED_FOR_RESTART
+            if number == signal.SIGUSR2:
+                ZConfig.components.logger.loghandler.reopenFiles()
+                logger.info("reopened the log files")
+                continue
+            logger.info("received %s; stopping",
+                        signal.Signals(number).name)
+            return STOPPING_SIGNALS[number]
+
+    def _shut_down(self):
+        """Close the server (or the storages it never got), then clean up.
+
+        Safe to call more than once and after a failed start-up.
+        """
+        server, self._server = self._server, None
+        storages, self._storages = self._storages, {}
+        if server is not None:
+            server.close()
+        else:
+            for name, storage in storages.items():
+                _close_storage_logging_errors(name, storage)
+        if self._pid_written:
+            self._remove_pid_file()
+            self._pid_written = False
+
+
+def main(argv=None):
+    """Run the server from a command line; return the exit status."""
+    try:
+        options = parse_options(argv)
+        return ServerRunner(options).run()
+    except ConfigurationError as error:
+        print("Error: %s" % _one_line(error), file=sys.stderr)
+        return EXIT_CONFIGURATION_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
