@@ -119,6 +119,13 @@ MAX_MESSAGE_VALUES = 1000000
 MAX_MESSAGE_DEPTH = 100
 
 _CONTAINERS = (tuple, list, dict, set, frozenset)
+_MEMO_GETS = (b"2", b"g", b"h", b"j")  # DUP, GET, BINGET, LONG_BINGET
+
+
+def _may_share_references(payload):
+    """Without memo-get opcodes no object is referenced twice, so the
+    decoded value is no bigger than the payload: nothing to walk."""
+    return any(opcode in payload for opcode in _MEMO_GETS)
 
 
 def check_bounded(value):
@@ -254,7 +261,8 @@ class PickleCodec:
             raise ProtocolError(
                 "cannot decode message %s: %s"
                 % (short_repr(bytes(payload[:40])), exc)) from None
-        check_bounded(value)
+        if _may_share_references(payload):
+            check_bounded(value)
         message = _as_message(value)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)

@@ -38,6 +38,11 @@ AFTER_REGISTER = frozenset("""
     iterator_record_next iterator_gc server_status set_client_label ping
 """.split())
 
+#: Storage interfaces we do not announce because their calls are not
+#: served yet (blob transfer): a client then refuses blobs with a clear
+#: error instead of calling methods that would close its connection.
+UNSERVED_INTERFACES = frozenset(["IBlobStorage", "IBlobStorageRestoreable"])
+
 #: Calls whose reply reflects the storage's current state.  They run and
 #: queue their reply under the storage's publication lock (PROTOCOL.md 9).
 PUBLISHED_READS = frozenset("""
@@ -132,7 +137,9 @@ class Session:
     def get_info(self):
         storage = self.served.storage
         supports_undo = getattr(storage, "supportsUndo", None)
-        interfaces = zope.interface.providedBy(storage).__iro__
+        interfaces = [interface for interface
+                      in zope.interface.providedBy(storage).__iro__
+                      if interface.__name__ not in UNSERVED_INTERFACES]
         info = dict(self.served.size_info())
         info.update(
             name=storage.getName(),
