@@ -27,6 +27,7 @@ setup(
             "ZEO>=6",
             "msgpack",
             "zdaemon",
+            "zope.testing",
         ],
         "msgpack": ["msgpack"],
     },
