@@ -30,5 +30,7 @@ setup(
             "zope.testing",
         ],
         "msgpack": ["msgpack"],
+        # zeoctl: run the server as a daemon under zdaemon's manager.
+        "daemon": ["zdaemon"],
     },
 )

@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 from zeo import wire
 from zeo.rpc import Outbox
@@ -29,6 +30,8 @@ class ServerConnection:
         self.sock = sock
         self.peer = format_peer(peer)
         self.label = self.peer
+        #: When the connection was accepted (seconds since the epoch).
+        self.connected_at = time.time()
         self.server = server
         self.codec = None
         self._closing = threading.Event()

@@ -91,6 +91,12 @@ class Session:
         self._last_transaction_seen = {}
         self._iterator_ids = itertools.count()
         self.current_msgid = None
+        #: What the client called itself (set_client_label), for the monitor.
+        self.client_label = None
+        #: Per-client counters for the monitor.  Only the connection's own
+        #: thread increments them (loads and finishes run there).
+        self.loads = 0
+        self.commits = 0
 
     # -- dispatch -------------------------------------------------------
 
@@ -164,6 +170,7 @@ class Session:
         return self.served.status(self.server.watchdog_status())
 
     def set_client_label(self, label):
+        self.client_label = label
         self.channel.label = "%s %s" % (label, self.channel.peer)
 
     def ping(self):
@@ -174,6 +181,7 @@ class Session:
     def loadBefore(self, oid, tid):
         served = self.served
         served.stats.add("loads")
+        self.loads += 1
         with served.access:
             result = served.storage.loadBefore(oid, tid)
         if served.after_load_read is not None:
@@ -349,6 +357,7 @@ class Session:
                 outcome = Reply(error=error)
             outcome.after = self.served.commit_lock.release(self)
         if outcome.error is None:
+            self.commits += 1
             self.push("info", self.served.size_info())
             self.log("committed %s", outcome.value.hex(), level=logging.DEBUG)
         return outcome

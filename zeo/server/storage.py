@@ -284,6 +284,21 @@ class ServedStorage:
         status["last-transaction"] = tid_hex(self.last_transaction())
         return status
 
+    def monitor_snapshot(self):
+        """`(sessions, queue)` for the monitor report, copied at once.
+
+        `sessions` is a copy of the registered sessions; `queue` is
+        `(transactions, oldest_tid, newest_tid)` of the invalidation queue.
+        The publication lock is held only for the two copies, never while
+        anything is formatted, so a commit waits for microseconds at most.
+        """
+        with self.publication:
+            sessions = list(self.sessions)
+            queued = len(self._invalidations)
+            oldest = self._invalidations[0][0]
+            newest = self._invalidations[-1][0]
+        return sessions, (queued, oldest, newest)
+
     def close(self):
         with self.access:
             self.storage.close()
