@@ -41,8 +41,6 @@ import time
 
 from zeo import wire
 
-_LENGTH = struct.Struct(">I")
-
 
 class RemoteError(Exception):
     """The server answered a call with an error reply."""
@@ -143,7 +141,7 @@ class RawClient:
         answer = self.greeting if protocol is None else protocol
         self.send_raw_frame(answer)
         if answer in (wire.PICKLE_PROTOCOL, wire.MSGPACK_PROTOCOL):
-            self.codec = wire.codec_for(answer)
+            self.codec = wire.codec_for(answer, wire.CLIENT_GLOBALS)
         return self.greeting
 
     def send_call(self, name, *args, msgid=None):

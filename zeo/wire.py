@@ -14,6 +14,7 @@ import builtins
 import io
 import reprlib
 import pickle
+import pickletools
 import struct
 
 #: Handshake identifiers: encoding letter + protocol version.
@@ -113,45 +114,83 @@ def short_repr(value, limit=60):
     return text
 
 
-#: A decoded message may hold at most this many values, counted as a tree.
-MAX_MESSAGE_VALUES = 1000000
-#: ... nested at most this deep.
+#: Containers in a message may nest at most this deep.
 MAX_MESSAGE_DEPTH = 100
+#: Below this size, a payload without memo-get bytes needs no opcode scan:
+#: it cannot share references and cannot nest dangerously deep.
+_UNSCANNED_PAYLOAD = 4096
+_MEMO_GET_BYTES = (b"2", b"g", b"h", b"j")  # DUP, GET, BINGET, LONG_BINGET
+_REFUSED_OPCODES = frozenset(["PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"])
+_MEMO_PUTS = frozenset(["PUT", "BINPUT", "LONG_BINPUT"])
+_MEMO_GETS = frozenset(["GET", "BINGET", "LONG_BINGET"])
+_GLOBALS = frozenset(["GLOBAL", "STACK_GLOBAL"])
+#: Values that may be referenced twice: sharing them costs nothing.
+_SCALARS = frozenset(["None", "bool", "int", "int_or_bool", "float", "str",
+                      "bytes", "bytes_or_str"])
+_LEAF = (0, True)  # (nesting depth, may be shared)
 
-_CONTAINERS = (tuple, list, dict, set, frozenset)
-_MEMO_GETS = (b"2", b"g", b"h", b"j")  # DUP, GET, BINGET, LONG_BINGET
 
+def check_pickle_shape(payload):
+    """Refuse pickles whose decoding alone could hang or crash us.
 
-def _may_share_references(payload):
-    """Without memo-get opcodes no object is referenced twice, so the
-    decoded value is no bigger than the payload: nothing to walk."""
-    return any(opcode in payload for opcode in _MEMO_GETS)
-
-
-def check_bounded(value):
-    """Refuse values that would explode when walked.
-
-    A pickle can reference one object many times: 124 bytes of DUP and
-    TUPLE2 opcodes make a tuple of 2**60 elements once walked by repr,
-    str or a msgpack encoder.  Real clients never share references (they
-    pickle in "fast" mode), so counting values as a tree, with a budget,
-    costs little and stops the bomb.
+    Two hostile shapes, found before a single object is built: a container
+    referenced twice through the memo (124 bytes of DUP and TUPLE2 make a
+    tuple of 2**60 leaves that hashing, as a dict key or set member, or
+    encoding walks for ever) and very deep nesting (hashing a tuple a
+    million levels deep overflows the C stack).  Legitimate messages share
+    at most strings, numbers and globals, and nest a few levels.  Small
+    payloads with no memo-get byte at all are safe without looking
+    further, which keeps the common case cheap.
     """
-    budget = MAX_MESSAGE_VALUES
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise ProtocolError("message holds more than %d values"
-                                % MAX_MESSAGE_VALUES)
-        if type(item) in _CONTAINERS and item:
-            if depth >= MAX_MESSAGE_DEPTH:
-                raise ProtocolError("message nested deeper than %d"
-                                    % MAX_MESSAGE_DEPTH)
-            children = item.items() if type(item) is dict else item
-            depth += 1
-            stack.extend((child, depth) for child in children)
+    if len(payload) < _UNSCANNED_PAYLOAD and not any(
+            opcode in payload for opcode in _MEMO_GET_BYTES):
+        return
+    stack = []  # (depth, shareable) of each value on the simulated stack
+    marks = []
+    memo = {}
+    try:
+        for opcode, arg, _position in pickletools.genops(payload):
+            name = opcode.name
+            if name in _REFUSED_OPCODES:
+                raise ProtocolError("message uses the %s opcode" % name)
+            if name in _MEMO_PUTS:
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in _MEMO_GETS or name == "DUP":
+                item = memo[arg] if name != "DUP" else stack[-1]
+                if not item[1]:
+                    raise ProtocolError("message references a container "
+                                        "twice (%s)" % name)
+                stack.append(item)
+            elif name in _GLOBALS:
+                del stack[len(stack) - len(opcode.stack_before):]
+                stack.append(_LEAF)
+            else:
+                _simulate(opcode, stack, marks)
+    except (ValueError, IndexError, KeyError) as error:
+        raise ProtocolError("malformed pickle: %s" % error) from None
+
+
+def _simulate(opcode, stack, marks):
+    """Apply one opcode's stack effect, tracking nesting depth."""
+    taken = []
+    for before in reversed(opcode.stack_before):  # top of stack first
+        if before is pickletools.markobject:
+            start = marks.pop()
+            taken.extend(stack[start:])
+            del stack[start:]
+        elif before is not pickletools.stackslice:
+            taken.append(stack.pop())
+    depth = max(depth for depth, _shareable in taken) + 1 if taken else 0
+    if depth > MAX_MESSAGE_DEPTH:
+        raise ProtocolError("message nested deeper than %d"
+                            % MAX_MESSAGE_DEPTH)
+    for after in opcode.stack_after:
+        if after is pickletools.markobject:
+            marks.append(len(stack))
+        else:
+            stack.append((depth, not taken and after.name in _SCALARS))
 
 
 # --- pickle encoding ---------------------------------------------------
@@ -194,6 +233,39 @@ def _optional_prefix():
 
 
 SERVER_GLOBALS.update(_optional_prefix())
+
+
+def _exception_classes(module):
+    """The exception classes defined or exported by `module`, by name."""
+    return {(module.__name__, name): value
+            for name, value in vars(module).items()
+            if isinstance(value, type) and issubclass(value, Exception)}
+
+
+def _client_globals():
+    """What a client-side message unpickler may resolve (PROTOCOL.md 4.3).
+
+    Only error replies carry globals: exception classes, and ZODB's
+    `_recon`, which rebuilds a pickled POSError from its state.  The table
+    is built from modules the client imports anyway; nothing the server
+    names is ever imported.  `ZEO.Exceptions` names (a real ZEO server's)
+    map to our own classes of the same names.
+    """
+    import transaction.interfaces
+    import ZODB.POSException
+    import zeo.Exceptions
+    table = {}
+    for module in (builtins, ZODB.POSException, transaction.interfaces,
+                   zeo.Exceptions):
+        table.update(_exception_classes(module))
+    table.update({("ZEO.Exceptions", name): value
+                  for (_module, name), value
+                  in _exception_classes(zeo.Exceptions).items()})
+    table[("ZODB.POSException", "_recon")] = ZODB.POSException._recon
+    return table
+
+
+CLIENT_GLOBALS = _client_globals()
 
 
 class RefusedGlobals(ProtocolError):
@@ -250,9 +322,14 @@ class PickleCodec:
             {"allowed": dict(allowed_globals)})
 
     def encode(self, msgid, flag, name, args):
-        return pickle.dumps((msgid, flag, name, args), _PICKLE_PROTOCOL_NUMBER)
+        output = io.BytesIO()
+        pickler = pickle.Pickler(output, _PICKLE_PROTOCOL_NUMBER)
+        pickler.fast = True  # no memo: peers may refuse memo references
+        pickler.dump((msgid, flag, name, args))
+        return output.getvalue()
 
     def decode(self, payload):
+        check_pickle_shape(payload)
         unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
         unpickler.refused = []
         try:
@@ -261,8 +338,6 @@ class PickleCodec:
             raise ProtocolError(
                 "cannot decode message %s: %s"
                 % (short_repr(bytes(payload[:40])), exc)) from None
-        if _may_share_references(payload):
-            check_bounded(value)
         message = _as_message(value)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)

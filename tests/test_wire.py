@@ -1,0 +1,834 @@
+"""Unit tests of zeo.wire: framing, codecs, the restricted unpickler and
+error replies.  No sockets: bytes in, values out.
+
+The real ZEO package serves as an oracle for interoperability (its own
+encoder and decoder), never as code under test.
+"""
+
+import datetime
+import decimal
+import math
+import os
+import pickle
+import pickletools
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from ZEO.asyncio import marshal as zeo_marshal
+from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+
+from raw_client import forbidden_global_pickle
+from zeo import wire
+
+Z64 = b"\0" * 8
+MAXTID = b"\x7f" + b"\xff" * 7
+OID = b"\0\0\0\0\0\0\0\x07"
+TID = b"\x03\xf5\x1b\x22\x33\x44\x55\x66"
+
+quick = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- framing ---------------------------------------------------------------
+
+def test_frame_prefix_is_big_endian_payload_length():
+    assert wire.frame(b"Z5") == b"\x00\x00\x00\x02Z5"
+    assert wire.frame(b"") == b"\x00\x00\x00\x00"
+    assert wire.frame(b"x" * 0x01020304)[:4] == b"\x01\x02\x03\x04"
+
+
+def test_reader_fed_byte_by_byte_returns_each_frame_on_its_last_byte():
+    payloads = [b"Z5", b"", b"hello", bytes(range(256)) * 3]
+    stream = b"".join(wire.frame(p) for p in payloads)
+    ends = set()
+    position = 0
+    for payload in payloads:
+        position += 4 + len(payload)
+        ends.add(position)
+    reader = wire.FrameReader()
+    received = []
+    for index in range(len(stream)):
+        out = reader.feed(stream[index:index + 1])
+        if index + 1 in ends:
+            assert len(out) == 1, "frame ending at byte %d" % (index + 1)
+        else:
+            assert out == []
+        received.extend(out)
+    assert received == payloads
+    assert reader.buffered == 0
+
+
+def test_many_frames_in_one_chunk():
+    payloads = [b"%d" % i * (i % 7) for i in range(500)]
+    reader = wire.FrameReader()
+    assert reader.feed(b"".join(wire.frame(p) for p in payloads)) == payloads
+    assert reader.buffered == 0
+
+
+def test_reader_accepts_bytearray_and_memoryview_chunks():
+    reader = wire.FrameReader()
+    data = wire.frame(b"abc") + wire.frame(b"de")
+    assert reader.feed(bytearray(data[:5])) == []
+    assert reader.feed(memoryview(data)[5:]) == [b"abc", b"de"]
+    assert all(type(p) is bytes for p in reader.feed(wire.frame(b"f")))
+
+
+def test_zero_length_frame_is_an_empty_payload():
+    reader = wire.FrameReader()
+    assert reader.feed(b"\0\0\0\0") == [b""]
+    assert reader.feed(b"\0\0\0\0\0\0\0\0") == [b"", b""]
+    assert reader.buffered == 0
+
+
+def test_incomplete_frame_stays_buffered():
+    reader = wire.FrameReader()
+    assert reader.feed(b"\0\0\0\x05ab") == []
+    assert reader.buffered > 0
+    assert reader.feed(b"cd") == []
+    assert reader.feed(b"e\0\0") == [b"abcde"]
+    assert reader.feed(b"\0\x01!") == [b"!"]
+    assert reader.buffered == 0
+
+
+@quick
+@given(payloads=st.lists(st.binary(max_size=3000), max_size=12),
+       cuts=st.lists(st.integers(min_value=0), max_size=20))
+def test_frames_split_anywhere_round_trip(payloads, cuts):
+    stream = b"".join(wire.frame(p) for p in payloads)
+    points = sorted({cut % (len(stream) + 1) for cut in cuts})
+    pieces = [stream[a:b]
+              for a, b in zip([0] + points, points + [len(stream)])]
+    reader = wire.FrameReader()
+    received = []
+    for piece in pieces:
+        received.extend(reader.feed(piece))
+    assert received == payloads
+    assert reader.buffered == 0
+
+
+@quick
+@given(sizes=st.lists(st.integers(min_value=0, max_value=70000),
+                      min_size=1, max_size=4),
+       chunk=st.integers(min_value=1, max_value=9000))
+def test_large_frames_in_fixed_size_chunks(sizes, chunk):
+    payloads = [os.urandom(size) for size in sizes]
+    stream = b"".join(wire.frame(p) for p in payloads)
+    reader = wire.FrameReader()
+    received = []
+    for start in range(0, len(stream), chunk):
+        received.extend(reader.feed(stream[start:start + chunk]))
+    assert received == payloads
+
+
+def test_length_over_limit_raises_as_soon_as_the_length_word_is_complete():
+    reader = wire.FrameReader(max_frame_size=100)
+    assert reader.feed(wire.frame(b"y" * 100)) == [b"y" * 100]
+    assert reader.feed(b"\0\0\0") == []
+    with pytest.raises(wire.ProtocolError):
+        reader.feed(b"\x65")  # 101 bytes announced, none sent
+
+
+def test_absurd_length_raises_without_buffering_anything():
+    reader = wire.FrameReader()
+    with pytest.raises(wire.ProtocolError):
+        reader.feed(b"\xff\xff\xff\xf0")
+    assert reader.buffered <= 4
+
+
+def test_absurd_length_after_good_frames_in_the_same_chunk():
+    reader = wire.FrameReader(max_frame_size=1024)
+    with pytest.raises(wire.ProtocolError):
+        reader.feed(wire.frame(b"ok") + b"\x80\0\0\0" + b"z" * 100)
+    assert reader.buffered <= 4 + 4 + 2 + 100
+
+
+def test_default_frame_limit_is_below_2_to_the_31():
+    assert 0 < wire.DEFAULT_MAX_FRAME_SIZE < 2 ** 31
+    reader = wire.FrameReader()
+    with pytest.raises(wire.ProtocolError):
+        reader.feed(struct.pack(">I", wire.DEFAULT_MAX_FRAME_SIZE + 1))
+
+
+# --- message values --------------------------------------------------------
+
+scalars = (st.none() | st.booleans()
+           | st.integers(min_value=-2 ** 63, max_value=2 ** 64 - 1)
+           | st.floats(allow_nan=False) | st.binary(max_size=40)
+           | st.text(max_size=20))
+
+
+def msgpack_values():
+    """Values msgpack can carry: map keys str or bytes."""
+    return st.recursive(
+        scalars,
+        lambda inner: (st.lists(inner, max_size=4)
+                       | st.lists(inner, max_size=4).map(tuple)
+                       | st.dictionaries(st.text(max_size=8)
+                                         | st.binary(max_size=8),
+                                         inner, max_size=4)),
+        max_leaves=20)
+
+
+def pickle_values():
+    """Values the pickle encoding carries: also huge ints, tuple keys."""
+    keys = (st.text(max_size=8) | st.binary(max_size=8) | st.integers()
+            | st.tuples(st.binary(max_size=8), st.integers()))
+    return st.recursive(
+        scalars | st.integers(),
+        lambda inner: (st.lists(inner, max_size=4)
+                       | st.lists(inner, max_size=4).map(tuple)
+                       | st.dictionaries(keys, inner, max_size=4)),
+        max_leaves=20)
+
+
+def msgids():
+    return (st.integers(min_value=-1, max_value=2 ** 48)
+            | st.tuples(st.binary(min_size=8, max_size=8),
+                        st.binary(min_size=8, max_size=8))
+            | st.text(max_size=5) | st.none())
+
+
+def flags():
+    return st.sampled_from([False, True, 0, 2])
+
+
+def typed(value, lists_as_tuples=False):
+    """A structure that compares types as well as values (True != 1)."""
+    if isinstance(value, (list, tuple)):
+        kind = "seq" if lists_as_tuples else type(value).__name__
+        return (kind, [typed(v, lists_as_tuples) for v in value])
+    if isinstance(value, dict):
+        return ("dict", [(typed(k, lists_as_tuples), typed(v, lists_as_tuples))
+                         for k, v in value.items()])
+    if isinstance(value, float):
+        return ("float", repr(value))
+    return (type(value).__name__, value)
+
+
+@quick
+@given(msgid=msgids(), flag=flags(), name=st.text(max_size=30),
+       args=st.lists(pickle_values(), max_size=5).map(tuple))
+def test_pickle_codec_round_trip(msgid, flag, name, args):
+    codec = wire.PickleCodec()
+    payload = codec.encode(msgid, flag, name, args)
+    assert payload[:2] == b"\x80\x03"
+    message = codec.decode(payload)
+    assert isinstance(message, wire.Message)
+    assert typed(tuple(message)) == typed((msgid, flag, name, args))
+
+
+@quick
+@given(msgid=msgids(), flag=flags(), name=st.text(max_size=30),
+       args=st.lists(msgpack_values(), max_size=5).map(tuple))
+def test_msgpack_codec_round_trip_turns_lists_into_tuples(
+        msgid, flag, name, args):
+    codec = wire.MsgpackCodec()
+    message = codec.decode(codec.encode(msgid, flag, name, args))
+    assert typed(tuple(message), lists_as_tuples=True) == typed(
+        (msgid, flag, name, args), lists_as_tuples=True)
+    assert all(not isinstance(v, list) for v in _walk(tuple(message)))
+
+
+def _walk(value):
+    yield value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _walk(item)
+
+
+@quick
+@given(value=pickle_values())
+def test_pickle_reply_value_round_trip(value):
+    codec = wire.PickleCodec()
+    message = codec.decode(codec.encode((Z64, MAXTID), wire.REPLY,
+                                        wire.REPLY_NAME, value))
+    assert typed(message.args) == typed(value)
+    assert message.msgid == (Z64, MAXTID)
+
+
+TYPICAL_MESSAGES = [
+    (1, False, "register", ("1", False)),
+    (2, False, "get_info", ()),
+    ((OID, MAXTID), False, "loadBefore", (OID, MAXTID)),
+    ((OID, MAXTID), 0, ".reply", (b"\x80\x03record", TID, None)),
+    (0, True, "tpc_begin", (0x7F3A_1B2C_3D4E, b"/ alice", b"first change",
+                            {"x": 1.5}, None, " ")),
+    (0, True, "storea", (OID, Z64, b"data" * 100, 0x7F3A_1B2C_3D4E)),
+    (6, False, "vote", (0x7F3A_1B2C_3D4E,)),
+    (6, 0, ".reply", [OID]),
+    (7, 0, ".reply", TID),
+    (0, True, "invalidateTransaction", (TID, [OID, Z64])),
+    (0, True, "info", ({"length": 3, "size": 588},)),
+    (9, 2, ".reply", ("ZODB.POSException.POSKeyError", (OID,))),
+    (-1, 0, ".reply", None),
+    ("abc", False, "ping", ()),
+]
+
+
+@pytest.mark.parametrize("message", TYPICAL_MESSAGES)
+def test_typical_messages_round_trip_with_pickle(message):
+    codec = wire.PickleCodec()
+    assert typed(tuple(codec.decode(codec.encode(*message)))) == typed(
+        message)
+
+
+@pytest.mark.parametrize("message", TYPICAL_MESSAGES)
+def test_typical_messages_round_trip_with_msgpack(message):
+    codec = wire.MsgpackCodec()
+    decoded = codec.decode(codec.encode(*message))
+    assert typed(tuple(decoded), True) == typed(message, True)
+
+
+@pytest.mark.parametrize("message", TYPICAL_MESSAGES)
+def test_real_zeo_reads_what_we_write_and_we_read_what_it_writes(message):
+    ours = wire.PickleCodec()
+    assert typed(zeo_marshal.pickle_server_decode(ours.encode(*message))) \
+        == typed(message)
+    assert typed(zeo_marshal.pickle_decode(ours.encode(*message))) \
+        == typed(message)
+    theirs = zeo_marshal.encoder(b"Z", server=True)(*message)
+    assert typed(tuple(ours.decode(theirs))) == typed(message)
+
+
+@pytest.mark.parametrize("message", TYPICAL_MESSAGES)
+def test_real_zeo_msgpack_interoperates(message):
+    ours = wire.MsgpackCodec()
+    decode_theirs = zeo_marshal.decoder(b"M")
+    assert typed(decode_theirs(ours.encode(*message)), True) == typed(
+        message, True)
+    theirs = zeo_marshal.encoder(b"M", server=True)(*message)
+    assert typed(tuple(ours.decode(theirs)), True) == typed(message, True)
+
+
+def test_pickle_encoding_uses_protocol_3_only():
+    codec = wire.PickleCodec()
+    payload = codec.encode(*TYPICAL_MESSAGES[4])
+    protocols = {op.proto for op, _, _ in pickletools.genops(payload)}
+    assert max(protocols) <= 3
+
+
+# --- the examples of PROTOCOL.md ---------------------------------------------
+
+REGISTER_FRAME = bytes.fromhex(
+    "0000001e" "8003" "28" "4b01" "89"
+    "5808000000") + b"register" + bytes.fromhex(
+    "5801000000") + b"1" + bytes.fromhex("4b00" "86" "74" "2e")
+
+
+def test_annotated_register_example_decodes_exactly():
+    reader = wire.FrameReader()
+    (payload,) = reader.feed(REGISTER_FRAME)
+    assert len(payload) == 30
+    message = wire.PickleCodec().decode(payload)
+    assert message == wire.Message(1, False, "register", ("1", 0))
+    assert type(message.flag) is bool and type(message.args[1]) is int
+
+
+def test_load_before_example_decodes_with_tuple_msgid():
+    payload = (b"\x80\x03(" + b"C\x08" + OID + b"C\x08" + TID + b"\x86"
+               + b"\x89" + b"X\x0a\x00\x00\x00loadBefore"
+               + b"C\x08" + OID + b"C\x08" + TID + b"\x86" + b"t.")
+    message = wire.PickleCodec().decode(payload)
+    assert message == ((OID, TID), False, "loadBefore", (OID, TID))
+
+
+def test_heartbeat_example_decodes():
+    payload = bytes.fromhex(
+        "8003284affffffff4b0058060000002e7265706c794e742e")
+    assert len(payload) == 24
+    message = wire.PickleCodec().decode(payload)
+    assert message == (wire.HEARTBEAT_MSGID, 0, wire.REPLY_NAME, None)
+
+
+def test_msgpack_register_example_bytes():
+    payload = b"\x94\x01\xc2\xa8register\x92\xa11\x00"
+    codec = wire.MsgpackCodec()
+    assert codec.decode(payload) == (1, False, "register", ("1", 0))
+    assert codec.encode(1, False, "register", ("1", 0)) == payload
+
+
+def test_msgpack_invalidation_example_bytes():
+    payload = (b"\x94\x00\xc3\xb5invalidateTransaction\x92\xc4\x08" + TID
+               + b"\x91\xc4\x08" + OID)
+    codec = wire.MsgpackCodec()
+    assert codec.encode(0, True, "invalidateTransaction",
+                        (TID, [OID])) == payload
+    assert codec.decode(payload) == (0, True, "invalidateTransaction",
+                                     (TID, (OID,)))
+
+
+def test_msgpack_encodes_sets_as_arrays():
+    codec = wire.MsgpackCodec()
+    message = codec.decode(codec.encode(3, 0, ".reply", {OID}))
+    assert message.args == (OID,)
+
+
+# --- the restricted unpickler ------------------------------------------------
+
+def _hostile_targets(marker):
+    """(module, name, arguments): each would create `marker` if called."""
+    create = "open(%r, 'w').close()" % marker
+    return [
+        ("os", "system", ("touch " + marker,)),
+        ("posix", "system", ("touch " + marker,)),
+        ("builtins", "eval", (create,)),
+        ("builtins", "exec", (create,)),
+        ("builtins", "open", (marker, "w")),
+        ("builtins", "__import__", ("os",)),
+        ("builtins", "getattr", ("os", "system")),
+        ("subprocess", "Popen", (["touch", marker],)),
+        ("__builtin__", "eval", (create,)),
+        ("copy_reg", "_reconstructor", ("x",)),
+        ("zodbpickle", "pickle", ("x",)),
+    ]
+
+
+HOSTILE_IDS = ["os.system", "posix.system", "builtins.eval", "builtins.exec",
+               "builtins.open", "builtins.__import__", "builtins.getattr",
+               "subprocess.Popen", "__builtin__.eval", "copy_reg",
+               "zodbpickle.pickle"]
+
+
+@pytest.mark.parametrize("index", range(len(HOSTILE_IDS)), ids=HOSTILE_IDS)
+@pytest.mark.parametrize("stack_global", [False, True],
+                         ids=["GLOBAL", "STACK_GLOBAL"])
+def test_forbidden_global_with_reduce_is_refused_and_never_runs(
+        tmp_path, index, stack_global):
+    marker = str(tmp_path / "pwned")
+    module, name, arguments = _hostile_targets(marker)[index]
+    payload = forbidden_global_pickle(module, name, *arguments,
+                                      stack_global=stack_global)
+    with pytest.raises(wire.ProtocolError) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert "%s.%s" % (module, name) in str(refusal.value)
+    assert not os.path.exists(marker)
+
+
+class _Reducer:
+    """Pickles as a call of `function(*args)`, like an attacker's object."""
+
+    def __init__(self, function, *args):
+        self.function = function
+        self.args = args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4])
+def test_pickler_made_hostile_messages_are_refused(tmp_path, protocol):
+    marker = str(tmp_path / "pwned")
+    attacks = [
+        _Reducer(os.system, "touch " + marker),
+        _Reducer(eval, "open(%r, 'w').close()" % marker),
+        _Reducer(open, marker, "w"),
+        _Reducer(subprocess.Popen, ["touch", marker]),
+    ]
+    codec = wire.PickleCodec()
+    for attack in attacks:
+        payload = pickle.dumps((1, False, "register", (attack, False)),
+                               protocol)
+        with pytest.raises(wire.ProtocolError):
+            codec.decode(payload)
+    assert not os.path.exists(marker)
+
+
+def test_inst_and_obj_opcodes_are_refused(tmp_path):
+    marker = str(tmp_path / "pwned")
+    command = ("touch " + marker).encode()
+    inst = (b"(X" + struct.pack("<I", len(command)) + command
+            + b"ios\nsystem\n.")
+    obj = (b"(cos\nsystem\nX" + struct.pack("<I", len(command)) + command
+           + b"o.")
+    for payload in (inst, obj):
+        with pytest.raises(wire.ProtocolError):
+            wire.PickleCodec().decode(payload)
+    assert not os.path.exists(marker)
+
+
+def test_refused_module_is_never_imported(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    module_name = "zeo_wire_test_trap"
+    (tmp_path / (module_name + ".py")).write_text(textwrap.dedent("""
+        open(%r, "w").close()
+        def harmless(*args):
+            return args
+    """ % str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    payload = forbidden_global_pickle(module_name, "harmless", "x")
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(payload)
+    assert module_name not in sys.modules
+    assert not marker.exists()
+
+
+def test_persistent_id_opcodes_are_refused():
+    payload = b"\x80\x03(K\x01\x89X\x04\x00\x00\x00pingX\x01\x00\x00\x00xQt."
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(payload)
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 3])
+def test_sets_and_frozensets_are_accepted(protocol):
+    """Python 3 pickles bytes below protocol 3 with _codecs.encode, which is
+    rightly refused, so the members are str and int."""
+    value = ({"a", 7}, frozenset(["b", 1]), set())
+    payload = pickle.dumps((4, False, "undoInfo", value), protocol)
+    message = wire.PickleCodec().decode(payload)
+    assert message.args == value
+    assert [type(v) for v in message.args] == [set, frozenset, set]
+
+
+def test_python2_set_spelling_is_accepted():
+    payload = (b"\x80\x02(K\x01\x89X\x04\x00\x00\x00ping"
+               b"c__builtin__\nset\n]K\x07a\x85R\x85t.")
+    assert wire.PickleCodec().decode(payload).args == ({7},)
+
+
+def test_zodbpickle_binary_is_read_as_bytes():
+    payload = (b"\x80\x02(K\x01\x89X\x04\x00\x00\x00ping"
+               b"czodbpickle\nbinary\nC\x03abc\x85R\x85t.")
+    message = wire.PickleCodec().decode(payload)
+    assert message.args == (b"abc",) and type(message.args[0]) is bytes
+
+
+def test_refused_global_in_an_extension_still_names_the_call():
+    """PROTOCOL.md 15.2 B8: a datetime in a transaction extension is
+    refused, but the decoded call stays readable so the receiver can give
+    a clear error instead of a silent disconnect."""
+    ext = {"when": datetime.datetime(2026, 11, 24, 12, 0),
+           "amount": decimal.Decimal("1.50")}
+    payload = pickle.dumps(
+        (0, True, "tpc_begin", (1, b"", b"", ext, None, " ")), 3)
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert refusal.value.message.name == "tpc_begin"
+    assert refusal.value.message.args[0] == 1
+    assert set(refusal.value.names) == {"datetime.datetime",
+                                        "decimal.Decimal"}
+
+
+def test_python2_string_opcodes_decode_as_bytes():
+    payload = b"\x80\x02(K\x01\x89X\x04\x00\x00\x00pingU\x03abc\x85t."
+    assert wire.PickleCodec().decode(payload).args == (b"abc",)
+
+
+def test_memo_opcodes_are_accepted():
+    value = ("same", "same")
+    payload = pickle.dumps((1, False, "x", value), 3)
+    assert b"q" in payload or b"h" in payload  # BINPUT / BINGET present
+    assert wire.PickleCodec().decode(payload).args == value
+
+
+@pytest.mark.parametrize("callable_", [
+    b"cbuiltins\nbytes\n", b"czodbpickle\nbinary\n"])
+def test_allowed_constructors_cannot_allocate_far_beyond_the_frame(callable_):
+    """bytes(N) via REDUCE turns a 40-byte frame into N bytes of memory,
+    bypassing the frame size limit; such a call must be refused."""
+    size = 64 * 1024 * 1024
+    payload = (b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping" + callable_
+               + b"J" + struct.pack("<i", size) + b"\x85R\x85t.")
+    assert len(payload) < 64
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(payload)
+
+
+def _bomb(depth=60):
+    """Opcodes pushing a tuple tree with 2**depth leaves, all one object."""
+    return b"N" + b"2\x86" * depth
+
+
+def _ping(args_opcodes):
+    return b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping" + args_opcodes + b"t."
+
+
+BOMBS = {
+    "not-a-message": b"\x80\x03" + _bomb() + b".",
+    "argument": _ping(_bomb() + b"\x85"),
+    "dict-key": _ping(b"}" + _bomb() + b"Ns\x85"),
+    "set-member": _ping(b"cbuiltins\nset\n" + _bomb() + b"\x85\x85R\x85"),
+    "str-of-it": _ping(b"cbuiltins\nstr\n" + _bomb() + b"\x85R\x85"),
+}
+
+
+@pytest.mark.parametrize("payload", BOMBS.values(), ids=BOMBS.keys())
+def test_shared_reference_bomb_is_handled_in_bounded_time(payload):
+    """A ~130-byte pickle whose value holds 2**60 references to None.
+
+    Loading it is cheap thanks to the memo, but anything that walks,
+    hashes or repr()s the value (a dict key, a set member, str(), a log
+    line) never finishes, with the GIL held.  Decoding must either refuse
+    it or return a message; run in a child with a memory cap and a
+    deadline so a broken decoder cannot take the machine down.
+    """
+    script = textwrap.dedent("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        from zeo import wire
+        try:
+            wire.PickleCodec().decode(bytes.fromhex(sys.argv[1]))
+        except wire.ProtocolError:
+            pass
+        print("done")
+        """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, payload.hex()], cwd=root,
+            capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("decoding a %d-byte message ran for more than 20 s"
+                    % len(payload))
+    assert result.stdout.strip() == "done", result.stderr[-2000:]
+
+
+# --- malformed payloads ------------------------------------------------------
+
+VALID_PAYLOAD = pickle.dumps(
+    ((OID, TID), False, "loadBefore", (OID, TID)), 3)
+
+
+@pytest.mark.parametrize("length", range(len(VALID_PAYLOAD)))
+def test_truncated_pickle_raises_protocol_error(length):
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(VALID_PAYLOAD[:length])
+
+
+@pytest.mark.parametrize("value", [
+    None, 1, "register", b"register", [1, False, "register", ()],
+    (1, False, "register"), (1, False, "register", (), None), (),
+    {"msgid": 1}, {1, 2},
+], ids=repr)
+def test_value_that_is_not_a_4_tuple_raises_protocol_error(value):
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(pickle.dumps(value, 3))
+    if not isinstance(value, (set, list)):  # msgpack: a list is an array
+        with pytest.raises(wire.ProtocolError):
+            wire.MsgpackCodec().decode(
+                msgpack.packb(value, use_bin_type=True))
+
+
+@pytest.mark.parametrize("name", [b"register", None, 7, ("register",)],
+                         ids=repr)
+def test_method_name_that_is_not_str_raises_protocol_error(name):
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(pickle.dumps((1, False, name, ()), 3))
+    with pytest.raises(wire.ProtocolError):
+        wire.MsgpackCodec().decode(
+            msgpack.packb((1, False, name, ()), use_bin_type=True))
+
+
+def test_empty_payload_raises_protocol_error():
+    for codec in (wire.PickleCodec(), wire.MsgpackCodec()):
+        with pytest.raises(wire.ProtocolError):
+            codec.decode(b"")
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=st.binary(max_size=200))
+def test_random_bytes_raise_only_protocol_error(payload):
+    for codec in (wire.PickleCodec(), wire.MsgpackCodec()):
+        try:
+            message = codec.decode(payload)
+        except wire.ProtocolError:
+            continue
+        assert type(message.name) is str
+
+
+@settings(max_examples=400, deadline=None)
+@given(position=st.integers(min_value=0), byte=st.integers(0, 255),
+       cut=st.integers(min_value=0))
+def test_corrupted_valid_pickle_raises_only_protocol_error(
+        position, byte, cut):
+    payload = bytearray(VALID_PAYLOAD)
+    payload[position % len(payload)] = byte
+    payload = bytes(payload[:len(payload) - cut % 4])
+    try:
+        message = wire.PickleCodec().decode(payload)
+    except wire.ProtocolError:
+        return
+    assert type(message.name) is str
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(min_value=0), byte=st.integers(0, 255))
+def test_corrupted_valid_msgpack_raises_only_protocol_error(position, byte):
+    payload = bytearray(wire.MsgpackCodec().encode(*TYPICAL_MESSAGES[4]))
+    payload[position % len(payload)] = byte
+    try:
+        message = wire.MsgpackCodec().decode(bytes(payload))
+    except wire.ProtocolError:
+        return
+    assert type(message.name) is str
+
+
+def test_deeply_nested_msgpack_raises_protocol_error():
+    payload = b"\x91" * 100000 + b"\xc0"
+    with pytest.raises(wire.ProtocolError):
+        wire.MsgpackCodec().decode(payload)
+
+
+def test_deeply_nested_pickle_raises_protocol_error():
+    payload = b"\x80\x03" + b"(" * 100000 + b"N" + b"t" * 100000 + b"."
+    with pytest.raises(wire.ProtocolError):
+        wire.PickleCodec().decode(payload)
+
+
+# --- handshake ids -----------------------------------------------------------
+
+def test_codec_for_accepts_z5_and_m5():
+    assert isinstance(wire.codec_for(b"Z5"), wire.PickleCodec)
+    assert isinstance(wire.codec_for(b"M5"), wire.MsgpackCodec)
+    assert wire.codec_for(b"Z5").protocol == b"Z5"
+    assert wire.codec_for(b"M5").protocol == b"M5"
+
+
+@pytest.mark.parametrize("identifier", [
+    b"Z4", b"X5", b"Z55", b"", b"Z", b"M", b"M4", b"Z3101", b"z5", b"ruok",
+    b"Z5\0", b" Z5", b"\x80\x03N.", b"\xff" * 1000,
+], ids=repr)
+def test_codec_for_rejects_other_identifiers(identifier):
+    with pytest.raises(wire.ProtocolError):
+        wire.codec_for(identifier)
+
+
+@quick
+@given(identifier=st.binary(max_size=64))
+def test_codec_for_rejects_random_garbage(identifier):
+    assume(identifier not in (b"Z5", b"M5"))
+    with pytest.raises(wire.ProtocolError):
+        wire.codec_for(identifier)
+
+
+# --- error replies -----------------------------------------------------------
+
+CODECS = [wire.PickleCodec, wire.MsgpackCodec]
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_error_reply_for_pos_key_error(codec_class):
+    codec = codec_class()
+    message = codec.decode(
+        wire.encode_error_reply(codec, (OID, MAXTID), POSKeyError(OID)))
+    assert message == ((OID, MAXTID), wire.ERROR_REPLY, ".reply",
+                       ("ZODB.POSException.POSKeyError", (OID,)))
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_error_reply_for_conflict_error_carries_its_dict(codec_class):
+    codec = codec_class()
+    error = ConflictError(oid=OID, serials=(TID, Z64))
+    error.class_name = "persistent.mapping.PersistentMapping"
+    message = codec.decode(wire.encode_error_reply(codec, 5, error))
+    assert message.msgid == 5 and message.flag == 2
+    assert message.name == ".reply"
+    class_name, payload = message.args
+    assert class_name == "ZODB.POSException.ConflictError"
+    assert payload == {
+        "message": "database conflict error", "oid": OID,
+        "serials": (TID, Z64),
+        "class_name": "persistent.mapping.PersistentMapping"}
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_error_reply_for_read_only_error(codec_class):
+    codec = codec_class()
+    message = codec.decode(wire.encode_error_reply(codec, 1, ReadOnlyError()))
+    assert tuple(message) == (1, 2, ".reply",
+                              ("ZODB.POSException.ReadOnlyError", ()))
+
+
+def test_error_reply_is_understood_by_the_real_zeo_client():
+    codec = wire.PickleCodec()
+    payload = wire.encode_error_reply(codec, 9, ValueError("unknown storage"))
+    assert zeo_marshal.pickle_decode(payload) == (
+        9, 2, ".reply", ("builtins.ValueError", ("unknown storage",)))
+
+
+class _HoldsUnpicklable(Exception):
+    """An application error whose attributes cannot be encoded."""
+
+    def __init__(self, message, attribute):
+        super().__init__(message)
+        self.attribute = attribute
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+@pytest.mark.parametrize("attribute", [
+    lambda: None, threading.Lock()], ids=["lambda", "lock"])
+def test_error_reply_falls_back_when_attributes_cannot_be_encoded(
+        codec_class, attribute):
+    codec = codec_class()
+    error = _HoldsUnpicklable("it broke", attribute)
+    message = codec.decode(wire.encode_error_reply(codec, 3, error))
+    assert message.msgid == 3 and message.flag == 2
+    assert message.name == ".reply"
+    class_name, payload = message.args
+    assert class_name.endswith("._HoldsUnpicklable")
+    assert "it broke" in str(payload)
+
+
+class _AppValue:
+    """An application object: picklable, but only as a global."""
+
+
+@pytest.mark.parametrize("attribute", [iter([1]), _AppValue()],
+                         ids=["iterator", "app-object"])
+def test_error_reply_decodes_in_the_real_zeo_client(attribute):
+    """Picklable is not enough: the peer's unpickler refuses globals that
+    are neither exceptions nor marked side-effect free, and a reply it
+    cannot decode costs the client its connection instead of an error."""
+    payload = wire.encode_error_reply(
+        wire.PickleCodec(), 3, _HoldsUnpicklable("it broke", attribute))
+    msgid, flag, name, (class_name, _) = zeo_marshal.pickle_decode(payload)
+    assert (msgid, flag, name) == (3, wire.ERROR_REPLY, ".reply")
+    assert class_name.endswith("._HoldsUnpicklable")
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_error_reply_falls_back_when_args_cannot_be_encoded(codec_class):
+    codec = codec_class()
+    error = KeyError(threading.Lock())
+    message = codec.decode(wire.encode_error_reply(codec, 4, error))
+    assert message.args[0] == "builtins.KeyError"
+    assert "lock" in str(message.args[1])
+
+
+class _Unprintable:
+    """Neither picklable nor convertible to a string."""
+
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+    def __str__(self):
+        raise RuntimeError("no string either")
+
+    __repr__ = __str__
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_error_reply_always_encodes_even_if_str_fails(codec_class):
+    codec = codec_class()
+    error = ValueError(_Unprintable())
+    message = codec.decode(wire.encode_error_reply(codec, 8, error))
+    assert message.msgid == 8 and message.flag == wire.ERROR_REPLY
+    class_name, payload = message.args
+    assert isinstance(class_name, str)
+
+
+def test_error_reply_float_payload_survives():
+    codec = wire.PickleCodec()
+    message = codec.decode(wire.encode_error_reply(
+        codec, 1, ValueError(math.inf)))
+    assert message.args == ("builtins.ValueError", (math.inf,))
