@@ -6,6 +6,7 @@ the way a client does.  What they share lives here: reading a server
 address as users write it, and a blocking socket that reads whole frames.
 """
 
+import argparse
 import socket
 import time
 
@@ -31,6 +32,15 @@ def parse_server_address(text):
         raise ValueError("invalid server address %r: give HOST:PORT, PORT "
                          "or a Unix socket path" % text)
     return (host or "127.0.0.1", int(port))
+
+
+def server_address_argument(text):
+    """`parse_server_address` as an argparse type: errors become usage
+    errors."""
+    try:
+        return parse_server_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def format_server_address(address):

@@ -18,7 +18,7 @@ import time
 
 from zeo import wire
 from zeo.scripts import FrameSocket, format_server_address
-from zeo.scripts import parse_server_address
+from zeo.scripts import server_address_argument
 
 DEFAULT_CONNECT_TIMEOUT = 30
 SECONDS_PER_DAY = 86400
@@ -109,7 +109,7 @@ def build_argument_parser():
         prog="python -m zeo.scripts.zeopack",
         description="Pack storages of a running ZEO server.")
     parser.add_argument(
-        "address", type=_server_address,
+        "address", type=server_address_argument,
         help="HOST:PORT, PORT (on this machine) or a Unix socket path")
     parser.add_argument(
         "-S", "--storage", action="append", metavar="NAME",
@@ -129,13 +129,6 @@ def build_argument_parser():
              "itself may take as long as it takes"
              % DEFAULT_CONNECT_TIMEOUT)
     return parser
-
-
-def _server_address(text):
-    try:
-        return parse_server_address(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def pack_time(arguments, now=None):

@@ -24,7 +24,7 @@ import sys
 
 from zeo import wire
 from zeo.scripts import FrameSocket, format_server_address
-from zeo.scripts import parse_server_address
+from zeo.scripts import server_address_argument
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL",
@@ -47,7 +47,7 @@ def build_argument_parser():
         prog="python -m zeo.scripts.zeoup",
         description="Check that a ZEO server answers, Nagios style.")
     parser.add_argument(
-        "address", type=_server_address,
+        "address", type=server_address_argument,
         help="HOST:PORT, PORT (on this machine) or a Unix socket path")
     parser.add_argument(
         "-S", "--storage", action="append", default=[], metavar="NAME",
@@ -61,13 +61,6 @@ def build_argument_parser():
         metavar="SECONDS",
         help="give up after this long (default %d)" % DEFAULT_TIMEOUT)
     return parser
-
-
-def _server_address(text):
-    try:
-        return parse_server_address(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def fetch_status(address, timeout):
