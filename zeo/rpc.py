@@ -19,10 +19,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTBOX_LIMIT = 64 * 1024 * 1024
 
 _NONBLOCKING = getattr(socket, "MSG_DONTWAIT", 0)
-
-
-class OutboxOverflow(Exception):
-    """The peer stopped reading and its unsent output passed the bound."""
+#: Frames handed to one sendmsg call (well under the kernel's IOV_MAX).
+_BATCH_FRAMES = 64
 
 
 class Outbox:
@@ -98,27 +96,37 @@ class Outbox:
             if self._draining or not self._frames or self._closing:
                 return
             self._draining = True
-            data = self._take_all()
-        try:
-            sent = self._sock.send(data, _NONBLOCKING)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = len(data)  # the reader sees the broken socket and cleans up
-        with self._lock:
-            if sent < len(data):
-                self._frames.appendleft(memoryview(data)[sent:])
-                self._pending += len(data) - sent
-            self._draining = False
-            if self._frames:
-                self._wakeup.notify()
+        while True:
+            with self._lock:
+                batch = self._take_batch()
+            try:
+                sent = self._sock.sendmsg(batch, (), _NONBLOCKING)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = sum(map(len, batch))  # the reader sees the broken
+                # socket and cleans up
+            unsent = _unsent(batch, sent)
+            with self._lock:
+                if unsent or not self._frames:
+                    self._frames.extendleft(reversed(unsent))
+                    self._pending += sum(map(len, unsent))
+                    self._draining = False
+                    if self._frames:
+                        self._wakeup.notify()
+                    return
 
-    def _take_all(self):
+    def _take_batch(self):
+        """Remove up to _BATCH_FRAMES frames from the queue (lock held).
+
+        Sent together with one `sendmsg`, so nothing is ever copied to
+        join frames, however much is queued.
+        """
         frames = self._frames
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        frames.clear()
-        self._pending = 0
-        return data
+        batch = [frames.popleft()
+                 for _ in range(min(len(frames), _BATCH_FRAMES))]
+        self._pending -= sum(map(len, batch))
+        return batch
 
     def _write_loop(self):
         while True:
@@ -131,9 +139,10 @@ class Outbox:
                 if self._closed:
                     return
                 self._draining = True
-                data = self._take_all()
+                batch = self._take_batch()
             try:
-                self._sock.sendall(data)
+                while batch:
+                    batch = _unsent(batch, self._sock.sendmsg(batch))
             except OSError:
                 with self._lock:
                     self._frames.clear()
@@ -155,3 +164,12 @@ class Outbox:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _unsent(batch, sent):
+    """The part of `batch` that a send of `sent` bytes left behind."""
+    for index, frame in enumerate(batch):
+        if sent < len(frame):
+            return [memoryview(frame)[sent:]] + batch[index + 1:]
+        sent -= len(frame)
+    return []
