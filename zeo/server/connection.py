@@ -52,10 +52,17 @@ class ServerConnection:
         self.outbox.put(wire.frame(data), wake_writer=False)
         self.outbox.send_pending()
 
-    def push(self, method, args):
-        """Queue a one-way call to the client (invalidations, info)."""
+    def push(self, method, args, wake_writer=True):
+        """Queue a one-way call to the client (invalidations, info).
+
+        A caller that will `flush` soon passes `wake_writer=False`.
+        """
         self.outbox.put(wire.frame(
-            self.codec.encode(0, wire.ONEWAY, method, args)))
+            self.codec.encode(0, wire.ONEWAY, method, args)), wake_writer)
+
+    def flush(self):
+        """Send what is queued if the socket has room; never blocks."""
+        self.outbox.send_pending()
 
     def close(self, reason):
         """Ask the connection to end; its own thread cleans up."""

@@ -477,7 +477,13 @@ class Session:
         self.channel.push(method, args)
 
     def queue_invalidation(self, tid, oids):
-        self.channel.push("invalidateTransaction", (tid, oids))
+        """Queue a commit's invalidation; the committer calls
+        `send_queued` once it has left the publication lock."""
+        self.channel.push("invalidateTransaction", (tid, oids),
+                          wake_writer=False)
+
+    def send_queued(self):
+        self.channel.flush()
 
     # -- the end --------------------------------------------------------------
 

@@ -194,21 +194,35 @@ class ServedStorage:
             with self.access:
                 returned = self.storage.tpc_finish(transaction, tids.append)
             tid = tids[0] if tids else returned
-            self._invalidations.append((tid, changed_oids))
-            for session in self.sessions:
-                if session is not committer:
-                    session.queue_invalidation(tid, changed_oids)
+            others = [session for session in self.sessions
+                      if session is not committer]
+            self._publish(tid, changed_oids, others)
+        self._send_queued(others)
         self.stats.add("commits")
         self._size_info = None
         return tid
+
+    def _publish(self, tid, oids, sessions):
+        """Record a commit and queue its invalidation (publication lock
+        held)."""
+        self._invalidations.append((tid, oids))
+        for session in sessions:
+            session.queue_invalidation(tid, oids)
+
+    @staticmethod
+    def _send_queued(sessions):
+        """Push queued invalidations out from the committing thread: a
+        non-blocking send each, cheaper than waking every writer thread."""
+        for session in sessions:
+            session.send_queued()
 
     def publish_foreign_commit(self, tid, oids):
         """A commit made behind our back (the storage is itself a client
         of another server): queue it and tell every session."""
         with self.publication:
-            self._invalidations.append((tid, oids))
-            for session in self.sessions:
-                session.queue_invalidation(tid, oids)
+            sessions = list(self.sessions)
+            self._publish(tid, oids, sessions)
+        self._send_queued(sessions)
         self._size_info = None
 
     def get_invalidations(self, tid):
