@@ -34,6 +34,7 @@ class ServerConnection:
         self.connected_at = time.time()
         self.server = server
         self.codec = None
+        self._receive_buffer = memoryview(bytearray(_RECV_SIZE))
         self._closing = threading.Event()
         self._close_reason = None
         self.outbox = Outbox(sock, "zeo-conn-%s" % self.peer,
@@ -114,14 +115,19 @@ class ServerConnection:
                 return
 
     def _receive(self, reader):
-        """The next complete payloads, or None at end of stream."""
+        """The next complete payloads, or None at end of stream.
+
+        Reads into one reused buffer: `recv(n)` would allocate n bytes
+        for every call, however little arrived.
+        """
+        buffer = self._receive_buffer
         while True:
             if self._closing.is_set():
                 return None
-            data = self.sock.recv(_RECV_SIZE)
-            if not data:
+            received = self.sock.recv_into(buffer)
+            if not received:
                 return None
-            payloads = reader.feed(data)
+            payloads = reader.feed(buffer[:received])
             if payloads:
                 return payloads
 
