@@ -4,8 +4,9 @@ Replies, one-way calls and invalidations for one connection come from many
 threads (the connection's own thread, committers on other connections, the
 pack worker).  They all go through one `Outbox`, which keeps them in the
 order they were put and never lets a thread block on a socket it does not
-own: a putter only queues; the bytes leave from the connection's own thread
-(`send_pending`, non-blocking) or from the outbox's writer thread.
+own: any thread may queue and then try a non-blocking send
+(`send_pending`); whatever the socket cannot take at once is left to the
+outbox's own writer thread.
 """
 
 import collections
@@ -26,9 +27,10 @@ _BATCH_FRAMES = 64
 class Outbox:
     """An ordered, bounded queue of encoded frames for one socket.
 
-    `put` never blocks.  Whoever drains the queue (the owner's fast path or
-    the writer thread) is the only one writing to the socket at that moment,
-    so frames never interleave and leave in `put` order.
+    `put` never blocks.  Whoever drains the queue (a thread in
+    `send_pending`, or the writer thread) is the only one writing to the
+    socket at that moment, so frames never interleave and leave in `put`
+    order.
 
     When the unsent bytes exceed `limit`, `put` closes the outbox, shuts the
     socket down (so the connection's reader notices and cleans up) and calls
