@@ -1,0 +1,502 @@
+"""ClientStorage: a ZODB storage served by a ZEO server.
+
+Reads go through an in-memory cache of object revisions
+(`zeo.client.cache`); misses become `loadBefore` calls.  Commits are
+buffered on the server (one-way `storea` calls) and voted and finished
+with two-way calls.  The connection layer (`zeo.client.connection` and
+`zeo.client.manager`) does the I/O: its reader thread applies replies
+and the server's invalidations to the cache in wire order, which is what
+gives every ZODB connection of a `ZODB.DB` on this storage a consistent
+MVCC snapshot.
+"""
+
+import logging
+import threading
+import time
+
+import zope.interface
+import ZODB.BaseStorage
+import ZODB.interfaces
+from ZODB.ConflictResolution import ConflictResolvingStorage
+from ZODB.POSException import (
+    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError)
+from ZODB.utils import maxtid, z64
+
+from zeo import wire
+from zeo.Exceptions import ClientDisconnected, ClientStorageError
+from zeo.client.cache import ClientCache, next_tid
+from zeo.client.iterator import IteratorGarbage, TransactionIterator
+from zeo.client.manager import (
+    ConnectionManager, RetryPolicy, normalize_addresses)
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the constructor waits for a connection when `wait_timeout` is
+#: None (ZEO's default too).
+DEFAULT_WAIT_TIMEOUT = 30
+
+#: How many times a vote is retried after resolving conflicts client-side
+#: (PROTOCOL.md 6.6; ZEO gives up after 9 rounds too).
+MAX_VOTE_ROUNDS = 10
+
+#: Interfaces the client provides when the server's storage lists them in
+#: `get_info()['interfaces']` (PROTOCOL.md 6.3).  Blob interfaces are not
+#: here: this client does not transfer blobs.
+OPTIONAL_INTERFACES = (
+    ZODB.interfaces.IStorageUndoable,
+    ZODB.interfaces.IStorageIteration,
+    ZODB.interfaces.IStorageRestoreable,
+    ZODB.interfaces.IStorageCurrentRecordIteration,
+    ZODB.interfaces.IExternalGC,
+)
+
+
+class _Commit:
+    """The client's side of one transaction between tpc_begin and the end.
+
+    It is bound to the connection it began on: if that connection is lost
+    the transaction cannot go on, whatever happens to the client.
+    """
+
+    def __init__(self, transaction, connection):
+        self.transaction = transaction
+        self.connection = connection
+        self.txn_id = id(transaction)
+        self.stored = {}  # oid -> data stored (None: nothing to cache)
+        self.resolved = set()  # oids whose data the server changed
+
+
+@zope.interface.implementer(ZODB.interfaces.IMultiCommitStorage,
+                            ZODB.interfaces.IPrefetchStorage)
+class ClientStorage(ConflictResolvingStorage):
+    """A storage on a ZEO server (see the HOWTO, "Configuring client").
+
+    `addr` is `(host, port)`, a Unix socket path, a port number on
+    127.0.0.1, or a list of those; `storage` the storage's name on the
+    server.  `cache_size` bounds the in-memory object cache (bytes).
+    `wait` makes the constructor connect before returning, for up to
+    `wait_timeout` seconds (30 when None); otherwise it connects in the
+    background, retrying every `min_disconnect_poll` seconds, doubling up
+    to `max_disconnect_poll`.  `read_only_fallback` accepts a read-only
+    server; `server_sync` makes `sync()` a round trip; `client_label`
+    names the client in the server's log.
+
+    Not supported yet: `blob_dir` (an error), and the persistent cache
+    (`client` and `var` are accepted and ignored; `shared_blob_dir` too).
+    """
+
+    def __init__(self, addr, storage='1', cache_size=20 * 2 ** 20, name='',
+                 client=None, var=None, min_disconnect_poll=5,
+                 max_disconnect_poll=300, wait=True, wait_timeout=None,
+                 read_only=False, read_only_fallback=False, blob_dir=None,
+                 shared_blob_dir=False, server_sync=False, client_label=None,
+                 **ignored):
+        if blob_dir is not None:
+            raise ClientStorageError("blobs are not supported by this "
+                                     "client yet (blob_dir=%r)" % (blob_dir,))
+        if ignored:
+            logger.debug("ignoring ClientStorage options %s", sorted(ignored))
+        addresses = normalize_addresses(addr)
+        self._storage_name = storage
+        self._name = name or "%s %s" % (
+            ", ".join(map(str, addresses)), storage)
+        self._read_only = bool(read_only)
+        self._server_sync = bool(server_sync)
+        self._cache = ClientCache(cache_size)
+        self._db = None
+        self._info = {"length": 0, "size": 0, "supportsUndo": False,
+                      "interfaces": ()}
+        self._oids = []
+        self._oid_lock = threading.Lock()
+        self._commit = None
+        self._commit_changed = threading.Condition()
+        self._iterator_garbage = IteratorGarbage()
+        self._closed = False
+        self._link = ConnectionManager(
+            addresses, storage, _ServerEvents(self),
+            read_only=self._read_only, read_only_fallback=read_only_fallback,
+            client_label=client_label,
+            retry=RetryPolicy(min_disconnect_poll, max_disconnect_poll),
+            name=name or str(addresses[0]))
+        try:
+            self._link.connect(wait, DEFAULT_WAIT_TIMEOUT
+                               if wait_timeout is None else wait_timeout)
+        except BaseException:
+            self._link.close()
+            raise
+
+    # -- connection ----------------------------------------------------------
+
+    def is_connected(self, test=False):
+        """Whether the storage has a usable connection to a server."""
+        return self._link.is_connected()
+
+    def new_addr(self, addr):
+        """Use `addr` (same forms as the constructor's) from the next
+        connection on."""
+        self._link.addresses = normalize_addresses(addr)
+
+    def server_status(self):
+        """The server's statistics for our storage (PROTOCOL.md 11.1)."""
+        return self._call("server_status")
+
+    def sync(self, force=True):
+        """With `server_sync`, a round trip that brings in every
+        invalidation the server sent before it (PROTOCOL.md 9, rule 9)."""
+        if self._server_sync:
+            self._call("ping")
+
+    def _call(self, method, *args):
+        return self._link.connection.call(method, *args)
+
+    # -- IStorage: information ------------------------------------------------
+
+    def getName(self):
+        return self._name
+
+    def sortKey(self):
+        return "%s:%s" % (self._storage_name, self._name)
+
+    def getSize(self):
+        return self._info.get("size", 0)
+
+    def __len__(self):
+        return self._info.get("length", 0)
+
+    def isReadOnly(self):
+        return self._read_only or (self._link.is_connected()
+                                   and self._link.is_read_only())
+
+    def supportsUndo(self):
+        return bool(self._info.get("supportsUndo"))
+
+    def lastTransaction(self):
+        return self._cache.last_tid() or z64
+
+    def registerDB(self, db):
+        """Remember the database to tell about invalidations."""
+        self._db = db
+        ConflictResolvingStorage.registerDB(self, db)
+
+    def history(self, oid, size=1):
+        return self._call("history", oid, size)
+
+    def record_iternext(self, next=None):
+        return self._call("record_iternext", next)
+
+    def __repr__(self):
+        return "<%s %s>" % (type(self).__name__, self._name)
+
+    # -- IStorage: loads ------------------------------------------------------
+
+    def loadBefore(self, oid, tid):
+        """`(data, start, end)` of the revision before `tid`, or None."""
+        cached = self._cache.load_before(oid, tid)
+        if cached is not None:
+            return cached
+        waiter = self._link.connection.load_before(
+            oid, tid, apply=self._loaded(oid))
+        return waiter.wait()
+
+    def _loaded(self, oid):
+        """The reply handler of a load: caches the revision, on the reader
+        thread, before the caller is woken."""
+        cache = self._cache
+
+        def apply(result):
+            if result is not None and result[0] is not None:
+                data, start, end = result
+                cache.store(oid, start, end, data)
+        return apply
+
+    def load(self, oid, version=''):
+        """`(data, tid)` of the current revision of `oid`."""
+        last = self._cache.last_tid()
+        if last is not None:
+            cached = self._cache.load_before(oid, next_tid(last))
+            if cached is not None:
+                return cached[:2]
+        result = self.loadBefore(oid, maxtid)
+        if result is None:
+            raise POSKeyError(oid)
+        return result[:2]
+
+    def loadSerial(self, oid, serial):
+        return self._call("loadSerial", oid, serial)
+
+    def getTid(self, oid):
+        """The tid of the current revision of `oid` (from the server)."""
+        return self._call("getTid", oid)
+
+    def prefetch(self, oids, tid):
+        """Start loading `oids` as of before `tid` without waiting."""
+        connection = self._link.connection
+        for oid in oids:
+            if self._cache.load_before(oid, tid) is None:
+                connection.load_before(oid, tid, apply=self._loaded(oid))
+
+    # -- IStorage: oids -------------------------------------------------------
+
+    def new_oid(self):
+        """The next oid, from batches of 100 the server allocates."""
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        with self._oid_lock:
+            if not self._oids:
+                self._oids = list(reversed(self._call("new_oids")))
+            return self._oids.pop()
+
+    # -- IStorage: commits ----------------------------------------------------
+
+    def tpc_begin(self, txn, tid=None, status=' '):
+        """Start committing `txn`; waits while another transaction of this
+        storage is in progress (the server allows one per connection)."""
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        extension = dict(txn.extension or {})
+        if not wire.is_plain(extension):
+            # A ZEO server drops the connection on such a tpc_begin
+            # (PROTOCOL.md 15.2, B8): refuse it here, clearly.
+            raise TypeError("the transaction extension %s holds values "
+                            "other than builtin types, which a ZEO server "
+                            "refuses" % wire.short_repr(extension))
+        with self._commit_changed:
+            if self._commit is not None and \
+                    self._commit.transaction is txn:
+                raise StorageTransactionError(
+                    "Duplicate tpc_begin calls for same transaction")
+            while self._commit is not None:
+                self._commit_changed.wait()
+            commit = _Commit(txn, self._link.connection)
+            self._commit = commit
+        try:
+            commit.connection.oneway(
+                "tpc_begin", commit.txn_id, _as_bytes(txn.user),
+                _as_bytes(txn.description), extension, tid, status)
+        except BaseException:
+            self._end_commit(commit)
+            raise
+
+    def _commit_for(self, txn):
+        commit = self._commit
+        if commit is None or commit.transaction is not txn:
+            raise StorageTransactionError(self, txn)
+        return commit
+
+    def store(self, oid, serial, data, version, txn):
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        if version:
+            raise ValueError("versions are not supported")
+        commit = self._commit_for(txn)
+        commit.connection.oneway("storea", oid, serial, data, commit.txn_id)
+        commit.stored[oid] = data
+
+    def restore(self, oid, serial, data, version, prev_txn, txn):
+        if version:
+            raise ValueError("versions are not supported")
+        commit = self._commit_for(txn)
+        commit.connection.oneway("restorea", oid, serial, data, prev_txn,
+                                 commit.txn_id)
+        commit.stored[oid] = None
+
+    def deleteObject(self, oid, serial, txn):
+        commit = self._commit_for(txn)
+        commit.connection.oneway("deleteObject", oid, serial, commit.txn_id)
+        commit.stored[oid] = None
+
+    def checkCurrentSerialInTransaction(self, oid, serial, txn):
+        commit = self._commit_for(txn)
+        commit.connection.oneway("checkCurrentSerialInTransaction", oid,
+                                 serial, commit.txn_id)
+
+    def undo(self, transaction_id, txn):
+        """Undo a transaction as part of `txn`; the oids it changes are
+        returned by tpc_vote."""
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        commit = self._commit_for(txn)
+        commit.connection.oneway("undoa", transaction_id, commit.txn_id)
+
+    def tpc_vote(self, txn):
+        """Vote; return the oids whose data the server changed.
+
+        A server in client-conflict-resolution mode answers with conflict
+        descriptions instead: we resolve them with ZODB's resolver, store
+        the results and vote again.
+        """
+        commit = self._commit_for(txn)
+        for _round in range(MAX_VOTE_ROUNDS):
+            try:
+                result = commit.connection.call("vote", commit.txn_id)
+            except ConflictError as error:
+                if error.oid is not None:
+                    self._cache.forget(error.oid)
+                raise
+            conflicts = [item for item in result or ()
+                         if isinstance(item, dict)]
+            commit.resolved.update(item for item in result or ()
+                                   if not isinstance(item, dict))
+            if not conflicts:
+                return list(commit.resolved)
+            for conflict in conflicts:
+                self._resolve(commit, conflict)
+        raise ConflictError("conflicts still unresolved after %d votes"
+                            % MAX_VOTE_ROUNDS)
+
+    def _resolve(self, commit, conflict):
+        oid = conflict["oid"]
+        committed, read = conflict["serials"]
+        data = self.tryToResolveConflict(oid, committed, read,
+                                         conflict["data"])
+        commit.connection.oneway("storea", oid, committed, data,
+                                 commit.txn_id)
+        commit.resolved.add(oid)
+
+    def tpc_finish(self, txn, f=None):
+        """Finish the commit; return its tid after calling `f(tid)`.
+
+        The cache update and `f` run on the reader thread when the reply
+        arrives, before any later invalidation is applied and before the
+        new tid becomes `lastTransaction()`, so no reader can see the new
+        tid without this commit's invalidations.
+        """
+        commit = self._commit_for(txn)
+        cache = self._cache
+
+        def finished(tid):
+            try:
+                for oid in commit.resolved:
+                    cache.invalidate(oid, tid)
+                for oid, data in commit.stored.items():
+                    cache.invalidate(oid, tid)
+                    if data is not None and oid not in commit.resolved:
+                        cache.store(oid, tid, None, data)
+                if f is not None:
+                    f(tid)
+            finally:
+                cache.set_last_tid(tid)
+
+        try:
+            return commit.connection.call("tpc_finish", commit.txn_id,
+                                          apply=finished)
+        finally:
+            self._end_commit(commit)
+
+    def tpc_abort(self, txn, timeout=None):
+        """Abort `txn` if it is the one in progress (else do nothing)."""
+        commit = self._commit
+        if commit is None or commit.transaction is not txn:
+            return
+        try:
+            commit.connection.call("tpc_abort", commit.txn_id)
+        except ClientDisconnected:
+            pass
+        finally:
+            self._end_commit(commit)
+
+    def tpc_transaction(self):
+        """The transaction being committed, or None."""
+        commit = self._commit
+        return None if commit is None else commit.transaction
+
+    def _end_commit(self, commit):
+        with self._commit_changed:
+            if self._commit is commit:
+                self._commit = None
+                self._commit_changed.notify_all()
+        if not commit.connection.closed:
+            self._iterator_garbage.flush(commit.connection)
+
+    # -- undo, pack, iteration ------------------------------------------------
+
+    def undoLog(self, first=0, last=-20, filter=None):
+        if filter is not None:
+            return []
+        return self._call("undoLog", first, last)
+
+    def undoInfo(self, first=0, last=-20, specification=None):
+        return self._call("undoInfo", first, last, specification)
+
+    def pack(self, t=None, referencesf=None, wait=True, days=0):
+        """Pack the server's storage to time `t` minus `days` (the server
+        finds references itself, so `referencesf` is ignored)."""
+        if t is None:
+            t = time.time()
+        return self._call("pack", t - days * 86400, wait)
+
+    def iterator(self, start=None, stop=None):
+        return TransactionIterator(self._link.connection,
+                                   self._iterator_garbage, start, stop)
+
+    def copyTransactionsFrom(self, other, verbose=0):
+        """Copy every transaction of `other` into this storage."""
+        ZODB.BaseStorage.copy(other, self, verbose)
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self):
+        """Disconnect and stop every thread of this storage.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._link.close()
+
+    # -- what the connection layer tells us -----------------------------------
+
+    def _verify(self, server_tid):
+        cache_tid = self._cache.last_tid()
+        if cache_tid is not None and cache_tid > server_tid:
+            raise ClientStorageError(
+                "the server's last transaction %s is older than ours %s"
+                % (server_tid.hex(), cache_tid.hex()))
+        self._cache.clear()
+        self._cache.set_last_tid(server_tid)
+        if self._db is not None:
+            self._db.invalidateCache()
+
+    def _connected(self, info, read_only):
+        self._info.update(info)
+        provided = {tuple(pair) for pair in info.get("interfaces", ())}
+        for interface in OPTIONAL_INTERFACES:
+            if (interface.__module__, interface.__name__) in provided:
+                zope.interface.alsoProvides(self, interface)
+
+    def _invalidate_transaction(self, tid, oids):
+        """Another client committed `tid`: end our cached revisions, tell
+        ZODB, then advance the last tid (in that order; see tpc_finish)."""
+        for oid in oids:
+            self._cache.invalidate(oid, tid)
+        if self._db is not None:
+            self._db.invalidate(tid, oids)
+        self._cache.set_last_tid(tid)
+
+
+class _ServerEvents:
+    """The connection layer's view of a ClientStorage: the server's
+    one-way calls and the connection's life cycle, kept out of the
+    storage's public API."""
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def invalidateTransaction(self, tid, oids):
+        self._storage._invalidate_transaction(tid, list(oids))
+
+    def info(self, info):
+        self._storage._info.update(info)
+
+    def verify(self, server_tid):
+        self._storage._verify(server_tid)
+
+    def connected(self, info, read_only):
+        self._storage._connected(info, read_only)
+
+    def disconnected(self):
+        logger.warning("%s: disconnected", self._storage.getName())
+
+
+def _as_bytes(value):
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return value or b""

@@ -1,0 +1,4 @@
+"""The client side of zeo: connection layer and object cache.
+
+The public entry point is `zeo.ClientStorage.ClientStorage`.
+"""

@@ -1,0 +1,55 @@
+"""The `<clientstorage>` configuration section (ZConfig).
+
+Loaded with ``%import zeo``, it opens our ClientStorage the way ZODB's
+own storage sections open theirs::
+
+    %import zeo
+    <clientstorage>
+      server 127.0.0.1:8100
+    </clientstorage>
+
+ZODB's `<zeoclient>` section always opens the real ZEO package, hence a
+section name of our own (DESIGN.md).
+"""
+
+import ZConfig
+from ZODB.config import BaseConfig
+
+
+class ClientStorageConfig(BaseConfig):
+    """Factory for a configured ClientStorage: `open()` connects."""
+
+    def __init__(self, config):
+        BaseConfig.__init__(self, config)
+        if config.read_only and config.read_only_fallback:
+            raise ZConfig.ConfigurationError(
+                "clientstorage: read-only and read-only-fallback cannot "
+                "both be on (read-only-fallback means: writable if the "
+                "server allows it)")
+        if config.min_disconnect_poll > config.max_disconnect_poll:
+            raise ZConfig.ConfigurationError(
+                "clientstorage: min-disconnect-poll (%s) is larger than "
+                "max-disconnect-poll (%s)" % (config.min_disconnect_poll,
+                                              config.max_disconnect_poll))
+
+    def open(self):
+        from zeo.ClientStorage import ClientStorage
+        config = self.config
+        return ClientStorage(
+            [server.address for server in config.server],
+            storage=config.storage,
+            cache_size=config.cache_size,
+            name=config.name or '',
+            client=config.client,
+            var=config.var,
+            min_disconnect_poll=config.min_disconnect_poll,
+            max_disconnect_poll=config.max_disconnect_poll,
+            wait=config.wait,
+            wait_timeout=config.wait_timeout,
+            read_only=config.read_only,
+            read_only_fallback=config.read_only_fallback,
+            blob_dir=config.blob_dir,
+            shared_blob_dir=config.shared_blob_dir,
+            server_sync=config.server_sync,
+            client_label=config.client_label,
+        )

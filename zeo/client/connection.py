@@ -1,0 +1,358 @@
+"""The client's side of one connection to a ZEO server.
+
+`Connection` is one socket with ONE reader thread.  Application threads
+share it: each caller encodes and writes its own request (under a lock, so
+frames never interleave and one-way calls keep their order before the
+two-way call that follows them) and then waits on its own `Waiter`, which
+the reader wakes once when the reply with the same msgid arrives.  Replies
+are matched by msgid, never by position (PROTOCOL.md 3.9), so a `vote`
+parked on the server's commit lock does not hold up loads from other
+threads.
+
+The reader applies everything the server sends in wire order: a reply's
+`apply` callback (the cache update of a load or a commit) runs before the
+caller is woken, and one-way server calls (`invalidateTransaction`,
+`info`) run on the reader thread as they arrive.  That is what keeps the
+cache truthful (PROTOCOL.md section 9): a load reply computed before a
+commit is applied before that commit's invalidation.
+
+`ConnectionManager` (in `zeo.client.manager`) owns the addresses,
+registration and the heartbeat; this module knows nothing about storages.
+"""
+
+import logging
+import socket
+import threading
+
+from zeo import wire
+from zeo.Exceptions import ClientDisconnected, ProtocolError
+from zeo.client.errors import rebuild_exception
+
+logger = logging.getLogger(__name__)
+
+_RECV_SIZE = 256 * 1024
+
+#: One-way calls a server may make on a client (PROTOCOL.md 7).
+SERVER_CALLS = ("invalidateTransaction", "info")
+
+
+class Waiter:
+    """One outstanding two-way call, woken exactly once by the reader."""
+
+    __slots__ = ("method", "apply", "_done", "result", "error")
+
+    def __init__(self, method, apply=None):
+        self.method = method
+        self.apply = apply
+        self._done = threading.Event()
+        self.result = None
+        self.error = None
+
+    def finish(self, result=None, error=None):
+        self.result = result
+        self.error = error
+        self._done.set()
+
+    def wait(self, timeout=None):
+        """The call's result; its error is raised.  ClientDisconnected if
+        no reply came within `timeout` seconds (None: no limit)."""
+        if not self._done.wait(timeout):
+            raise ClientDisconnected("no reply to %s within %s seconds"
+                                     % (self.method, timeout))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def connect_socket(address, timeout):
+    """A connected socket for `(host, port)` or a Unix socket path."""
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def handshake(sock, timeout):
+    """Read the server's greeting and answer it.
+
+    Returns the codec and the `FrameReader` (which may already hold the
+    start of the next frames).  We answer with the server's encoding
+    letter and protocol version 5, as ZEO clients do (PROTOCOL.md 2.1);
+    `M5` is refused when msgpack is not installed.
+    """
+    sock.settimeout(timeout)
+    reader = wire.FrameReader()
+    payloads = []
+    while not payloads:
+        data = sock.recv(_RECV_SIZE)
+        if not data:
+            raise ProtocolError("server closed the connection before its "
+                                "greeting")
+        payloads = reader.feed(data)
+    greeting = payloads[0]
+    if len(payloads) > 1:
+        raise ProtocolError("server sent messages before the handshake")
+    letter, version = greeting[:1], greeting[1:]
+    if letter not in (b"Z", b"M") or version < b"5":
+        raise ProtocolError("unsupported server protocol %s"
+                            % wire.short_repr(bytes(greeting)))
+    answer = letter + b"5"
+    if answer == wire.MSGPACK_PROTOCOL and not wire.msgpack_available():
+        raise ProtocolError("the server speaks msgpack, which is not "
+                            "installed")
+    codec = wire.codec_for(answer, wire.CLIENT_GLOBALS)
+    sock.sendall(wire.frame(answer))
+    sock.settimeout(None)
+    return codec, reader
+
+
+class Connection:
+    """One handshaken socket to a server, shared by many threads.
+
+    `handler` receives the server's one-way calls on the reader thread
+    (`invalidateTransaction(tid, oids)`, `info(dict)`); `on_close(self)`
+    is called once, from the reader thread, when the connection ends.
+
+    Invalidations are held back until `release(verified_tid)`: the client
+    must first verify its cache against the tid `register` returned, then
+    apply only the newer ones (PROTOCOL.md 8.1 step 7).
+    """
+
+    def __init__(self, sock, codec, reader, address, handler, on_close):
+        self.address = address
+        self.label = _format_address(address)
+        self._sock = sock
+        self._codec = codec
+        self._frames = reader
+        self._handler = handler
+        self._on_close = on_close
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # waiters, msgids, closed
+        self._dispatch_lock = threading.Lock()  # wire order vs release()
+        self._waiters = {}
+        self._next_msgid = 1
+        self._closed = False
+        self._close_reason = "closed by the server"
+        self._released = False
+        self._held = []
+        self._thread = threading.Thread(
+            target=self._read_loop, name="zeo-client-reader-%s" % self.label,
+            daemon=True)
+
+    @classmethod
+    def open(cls, address, handler, on_close, timeout):
+        """Connect, handshake and start reading; errors propagate."""
+        sock = connect_socket(address, timeout)
+        try:
+            codec, reader = handshake(sock, timeout)
+        except BaseException:
+            sock.close()
+            raise
+        connection = cls(sock, codec, reader, address, handler, on_close)
+        connection._thread.start()
+        return connection
+
+    @property
+    def closed(self):
+        return self._closed
+
+    # -- calls --------------------------------------------------------------
+
+    def call(self, method, *args, apply=None, timeout=None):
+        """A two-way call: send it, wait for the reply, return its value.
+
+        `apply(result)` runs on the reader thread before the caller wakes.
+        Only the connection set-up passes a `timeout`: once connected, a
+        call waits until its reply or the end of the connection, as a
+        vote waiting for the commit lock must.
+        """
+        return self.send_call(method, args, apply).wait(timeout)
+
+    def send_call(self, method, args, apply=None, msgid=None):
+        """Send a two-way call; return its `Waiter` without waiting.
+
+        With an explicit `msgid` (loads use `(oid, tid)`), a request already
+        in flight with the same id is shared instead of sent again.
+        """
+        with self._state_lock:
+            if self._closed:
+                raise ClientDisconnected("not connected to %s" % self.label)
+            if msgid is None:
+                msgid = self._next_msgid
+                self._next_msgid += 1
+            else:
+                waiter = self._waiters.get(msgid)
+                if waiter is not None:
+                    return waiter
+            waiter = Waiter(method, apply)
+            self._waiters[msgid] = waiter
+        try:
+            self._send(msgid, wire.CALL, method, args)
+        except BaseException:
+            with self._state_lock:
+                self._waiters.pop(msgid, None)
+            raise
+        return waiter
+
+    def load_before(self, oid, tid, apply=None):
+        """`loadBefore(oid, tid)` with msgid `(oid, tid)`, as ZEO does, so
+        concurrent loads of the same revision share one request."""
+        return self.send_call("loadBefore", (oid, tid), apply,
+                              msgid=(oid, tid))
+
+    def oneway(self, method, *args):
+        """A one-way call: no reply; a failure on the server closes the
+        connection."""
+        self._send(0, wire.ONEWAY, method, args)
+
+    def heartbeat(self):
+        """The idle heartbeat `(-1, 0, '.reply', None)` (PROTOCOL.md 3.8)."""
+        self._send(wire.HEARTBEAT_MSGID, wire.REPLY, wire.REPLY_NAME, None)
+
+    def _send(self, msgid, flag, method, args):
+        data = wire.frame(self._codec.encode(msgid, flag, method, args))
+        with self._send_lock:
+            if self._closed:
+                raise ClientDisconnected("not connected to %s" % self.label)
+            try:
+                self._sock.sendall(data)
+            except OSError as error:
+                self._shutdown()
+                raise ClientDisconnected("connection to %s lost: %s"
+                                         % (self.label, error)) from None
+
+    # -- invalidations before verification ----------------------------------
+
+    def release(self, verified_tid):
+        """Start applying invalidations; held ones newer than
+        `verified_tid` are applied now, in the order they came."""
+        with self._dispatch_lock:
+            held, self._held = self._held, []
+            self._released = True
+            for tid, oids in held:
+                if tid > verified_tid:
+                    self._call_handler("invalidateTransaction", (tid, oids))
+
+    # -- the reader thread ----------------------------------------------------
+
+    def _read_loop(self):
+        reason = None
+        try:
+            payloads = self._frames.feed(b"")
+            while True:
+                for payload in payloads:
+                    self._dispatch(payload)
+                data = self._sock.recv(_RECV_SIZE)
+                if not data:
+                    break
+                payloads = self._frames.feed(data)
+        except OSError as error:
+            reason = "connection error: %s" % error
+        except wire.ProtocolError as error:
+            reason = "protocol error: %s" % error
+            logger.error("(%s) %s; closing", self.label, error)
+        except Exception:
+            reason = "internal error"
+            logger.exception("(%s) unexpected error; closing", self.label)
+        finally:
+            self._end(reason if reason and not self._closed
+                      else self._close_reason)
+
+    def _dispatch(self, payload):
+        try:
+            message = self._codec.decode(payload)
+        except wire.RefusedGlobals as refused:
+            message = refused.message
+            if not (message.name == wire.REPLY_NAME and message.flag):
+                raise
+            # An error reply naming a class we do not know: still an error.
+            message = message._replace(args=(refused.names[0], ()))
+        with self._dispatch_lock:
+            if message.name == wire.REPLY_NAME:
+                self._reply(message)
+            elif message.name in SERVER_CALLS:
+                if message.name == "invalidateTransaction" \
+                        and not self._released:
+                    self._held.append(tuple(message.args))
+                else:
+                    self._call_handler(message.name, message.args)
+            else:
+                logger.error("(%s) the server called unknown method %s",
+                             self.label, wire.short_repr(message.name))
+
+    def _reply(self, message):
+        with self._state_lock:
+            waiter = self._waiters.pop(message.msgid, None)
+        if waiter is None:
+            logger.warning("(%s) reply to unknown request %s", self.label,
+                           wire.short_repr(message.msgid))
+            return
+        if message.flag:
+            waiter.finish(error=rebuild_exception(message.args))
+            return
+        result = message.args
+        if waiter.apply is not None:
+            try:
+                waiter.apply(result)
+            except Exception as error:
+                logger.exception("(%s) applying the reply to %s failed",
+                                 self.label, waiter.method)
+                waiter.finish(error=error)
+                return
+        waiter.finish(result)
+
+    def _call_handler(self, name, args):
+        try:
+            getattr(self._handler, name)(*args)
+        except Exception:
+            logger.exception("(%s) handling %s from the server failed",
+                             self.label, name)
+
+    def _end(self, reason):
+        with self._state_lock:
+            self._closed = True
+            waiters, self._waiters = self._waiters, {}
+        self._shutdown()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        for waiter in waiters.values():
+            waiter.finish(error=ClientDisconnected(
+                "connection to %s lost (%s)" % (self.label, reason)))
+        logger.info("(%s) disconnected: %s", self.label, reason)
+        self._on_close(self)
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self, timeout=10):
+        """End the connection; waiting callers get ClientDisconnected.
+        Idempotent; joins the reader thread unless called from it."""
+        with self._state_lock:
+            if not self._closed:
+                self._close_reason = "closed by the client"
+            self._closed = True
+        self._shutdown()
+        if self._thread is not threading.current_thread() and \
+                self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _shutdown(self):
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _format_address(address):
+    if isinstance(address, tuple):
+        return "%s:%s" % address[:2]
+    return str(address)
