@@ -8,6 +8,13 @@ with two-way calls.  The connection layer (`zeo.client.connection` and
 and the server's invalidations to the cache in wire order, which is what
 gives every ZODB connection of a `ZODB.DB` on this storage a consistent
 MVCC snapshot.
+
+When the connection drops, reads the cache can answer go on (as of the
+last transaction the cache knows), everything else raises
+`ClientDisconnected`, and the connection layer reconnects in the
+background.  Each new connection first verifies the cache against the
+server (`_verify`, PROTOCOL.md 8.1), so that nothing stale is served
+after it.
 """
 
 import logging
@@ -25,9 +32,10 @@ from ZODB.utils import maxtid, z64
 from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ClientStorageError
 from zeo.client.cache import ClientCache, next_tid
+from zeo.client.cache_file import FileClientCache, cache_file_path
 from zeo.client.iterator import IteratorGarbage, TransactionIterator
 from zeo.client.manager import (
-    ConnectionManager, RetryPolicy, normalize_addresses)
+    CONNECT_TIMEOUT, ConnectionManager, RetryPolicy, normalize_addresses)
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +81,22 @@ class ClientStorage(ConflictResolvingStorage):
 
     `addr` is `(host, port)`, a Unix socket path, a port number on
     127.0.0.1, or a list of those; `storage` the storage's name on the
-    server.  `cache_size` bounds the in-memory object cache (bytes).
+    server.  `cache_size` bounds the object cache (bytes); with `client`
+    the cache persists in the file ``<client>-<storage>.zec`` in the
+    directory `var` (default: the current one), otherwise it is in memory.
     `wait` makes the constructor connect before returning, for up to
     `wait_timeout` seconds (30 when None); otherwise it connects in the
     background, retrying every `min_disconnect_poll` seconds, doubling up
-    to `max_disconnect_poll`.  `read_only_fallback` accepts a read-only
-    server; `server_sync` makes `sync()` a round trip; `client_label`
-    names the client in the server's log.
+    to `max_disconnect_poll`; a lost connection is re-established the
+    same way.  `read_only_fallback` accepts a read-only server while it
+    keeps looking for a writable one; `server_sync` makes `sync()` a
+    round trip; `client_label` names the client in the server's log.
+    `drop_cache_rather_verify`: when a reconnecting client missed more
+    transactions than the server remembers, drop the whole cache at once
+    instead of reading the server's history to find what changed.
 
-    Not supported yet: `blob_dir` (an error), and the persistent cache
-    (`client` and `var` are accepted and ignored; `shared_blob_dir` too).
+    Not supported yet: `blob_dir` (an error; `shared_blob_dir` is
+    ignored).
     """
 
     def __init__(self, addr, storage='1', cache_size=20 * 2 ** 20, name='',
@@ -90,7 +104,7 @@ class ClientStorage(ConflictResolvingStorage):
                  max_disconnect_poll=300, wait=True, wait_timeout=None,
                  read_only=False, read_only_fallback=False, blob_dir=None,
                  shared_blob_dir=False, server_sync=False, client_label=None,
-                 **ignored):
+                 drop_cache_rather_verify=False, **ignored):
         if blob_dir is not None:
             raise ClientStorageError("blobs are not supported by this "
                                      "client yet (blob_dir=%r)" % (blob_dir,))
@@ -102,7 +116,12 @@ class ClientStorage(ConflictResolvingStorage):
             ", ".join(map(str, addresses)), storage)
         self._read_only = bool(read_only)
         self._server_sync = bool(server_sync)
-        self._cache = ClientCache(cache_size)
+        self._drop_cache_rather_verify = bool(drop_cache_rather_verify)
+        if client is None:
+            self._cache = ClientCache(cache_size)
+        else:
+            self._cache = FileClientCache(
+                cache_file_path(client, storage, var), cache_size)
         self._db = None
         self._info = {"length": 0, "size": 0, "supportsUndo": False,
                       "interfaces": ()}
@@ -123,6 +142,7 @@ class ClientStorage(ConflictResolvingStorage):
                                if wait_timeout is None else wait_timeout)
         except BaseException:
             self._link.close()
+            self._close_cache()
             raise
 
     # -- connection ----------------------------------------------------------
@@ -441,19 +461,117 @@ class ClientStorage(ConflictResolvingStorage):
             return
         self._closed = True
         self._link.close()
+        self._close_cache()
+
+    def _close_cache(self):
+        """Release a persistent cache's file and lock (after the link is
+        closed: its reader thread writes to the cache)."""
+        if isinstance(self._cache, FileClientCache):
+            self._cache.close()
 
     # -- what the connection layer tells us -----------------------------------
 
-    def _verify(self, server_tid):
-        cache_tid = self._cache.last_tid()
-        if cache_tid is not None and cache_tid > server_tid:
-            raise ClientStorageError(
-                "the server's last transaction %s is older than ours %s"
-                % (server_tid.hex(), cache_tid.hex()))
+    def _verify(self, connection, server_tid):
+        """Bring the cache up to date with a server we just registered
+        with; return the tid it is now current to (PROTOCOL.md 8.1).
+
+        Only what changed is invalidated when the server can tell
+        (`getInvalidations`); otherwise the changes are read from the
+        server's history when that costs less than reloading the cache,
+        else the cache is dropped and ZODB told to drop its object caches
+        too.  A server whose last transaction is older than the cache's
+        (restored from a backup, or another database) is refused: using
+        it would serve data the application has seen replaced.
+        """
+        cache = self._cache
+        cache_tid = cache.last_tid()
+        name = self.getName()
+        if cache_tid is None:
+            if len(cache):
+                self._drop_cache("%s: the cache has no last transaction; "
+                                 "dropped it" % name)
+            else:
+                logger.info("%s: empty cache, nothing to verify", name)
+            cache.set_last_tid(server_tid)
+            return server_tid
+        if cache_tid > server_tid:
+            message = ("%s: refusing server %s: its last transaction %s is "
+                       "older than the cache's %s (restored from a backup, "
+                       "or a different database?); will keep retrying"
+                       % (name, connection.label, server_tid.hex(),
+                          cache_tid.hex()))
+            logger.critical(message)
+            raise ServerBehindCache(message)
+        if cache_tid == server_tid:
+            logger.info("%s: cache is current at %s", name, cache_tid.hex())
+            return server_tid
+        answer = connection.call("getInvalidations", cache_tid,
+                                 timeout=CONNECT_TIMEOUT)
+        if answer is not None:
+            tid, oids = answer
+            self._invalidate_missed(cache_tid, tid, oids)
+            logger.info("%s: quick verification: %d objects changed "
+                        "between %s and %s", name, len(oids), cache_tid.hex(),
+                        tid.hex())
+            return tid
+        if not self._drop_cache_rather_verify:
+            changes = self._changes_since(connection, cache_tid, len(cache))
+            if changes is not None:
+                tid, oids = changes
+                self._invalidate_missed(cache_tid, tid, oids)
+                logger.info("%s: verified from the server's history: %d "
+                            "objects changed between %s and %s", name,
+                            len(oids), cache_tid.hex(), tid.hex())
+                return tid
+        self._drop_cache("%s: cache too old (last transaction %s, the "
+                         "server's %s); dropped it"
+                         % (name, cache_tid.hex(), server_tid.hex()))
+        cache.set_last_tid(server_tid)
+        return server_tid
+
+    def _invalidate_missed(self, cache_tid, tid, oids):
+        """Transactions after `cache_tid` up to `tid` changed `oids`.
+
+        We do not know at which tid each one changed, so its cached
+        revision is kept only for snapshots up to `cache_tid`.
+        """
+        valid_until = next_tid(cache_tid)
+        oids = list(oids)
+        for oid in oids:
+            self._cache.invalidate(oid, valid_until)
+        if self._db is not None:
+            self._db.invalidate(tid, oids)
+        self._cache.set_last_tid(tid)
+
+    def _changes_since(self, connection, cache_tid, budget):
+        """`(last tid, oids)` of the transactions after `cache_tid`, read
+        from the server's history; None once that has read more than
+        `budget` records (reloading the cache would be cheaper)."""
+        oids = set()
+        last_tid = None
+        records = 0
+        transactions = TransactionIterator(
+            connection, self._iterator_garbage, next_tid(cache_tid), None)
+        try:
+            for transaction_record in transactions:
+                for record in transaction_record:
+                    records += 1
+                    if records > budget:
+                        return None
+                    oids.add(record.oid)
+                last_tid = transaction_record.tid
+        finally:
+            transactions.close()
+        if last_tid is None:
+            return None
+        return last_tid, oids
+
+    def _drop_cache(self, message):
+        """Forget every cached object, here and in ZODB's object caches."""
         self._cache.clear()
-        self._cache.set_last_tid(server_tid)
         if self._db is not None:
             self._db.invalidateCache()
+        logger.info(message)
 
     def _connected(self, info, read_only):
         self._info.update(info)
@@ -486,14 +604,19 @@ class _ServerEvents:
     def info(self, info):
         self._storage._info.update(info)
 
-    def verify(self, server_tid):
-        self._storage._verify(server_tid)
+    def verify(self, connection, server_tid):
+        return self._storage._verify(connection, server_tid)
 
     def connected(self, info, read_only):
         self._storage._connected(info, read_only)
 
     def disconnected(self):
-        logger.warning("%s: disconnected", self._storage.getName())
+        logger.warning("%s: disconnected; reconnecting in the background",
+                       self._storage.getName())
+
+
+class ServerBehindCache(ClientStorageError):
+    """The server's last transaction is older than the client cache's."""
 
 
 def _as_bytes(value):

@@ -52,4 +52,5 @@ class ClientStorageConfig(BaseConfig):
             shared_blob_dir=config.shared_blob_dir,
             server_sync=config.server_sync,
             client_label=config.client_label,
+            drop_cache_rather_verify=config.drop_cache_rather_verify,
         )

@@ -7,16 +7,19 @@ connection in read-only-fallback mode, PROTOCOL.md 8.10), lets the storage
 verify its cache, and only then publishes the connection for calls.  It
 also sends the heartbeat.
 
-Callers never wait for a connection that is not there: every call made
-while disconnected raises `ClientDisconnected` at once.  Reconnection
-after a lost connection belongs here too (a later step); the storage only
-hears `connected(...)` and `disconnected()`.
+One background thread, the connector, does all the connecting: the first
+connection, reconnecting after a lost one (trying every address, waiting
+longer after each round that fails, as `RetryPolicy` says), and, while a
+read-only-fallback client is on a read-only server, looking for a
+writable server to switch to.  Callers never wait for a connection that
+is not there: every call made while disconnected raises
+`ClientDisconnected` at once.  The storage only hears `verify(...)`,
+`connected(...)` and `disconnected()`.
 """
 
 import logging
 import random
 import threading
-import time
 
 from ZODB.POSException import ReadOnlyError
 
@@ -83,10 +86,11 @@ class ConnectionManager:
     """Connects to one of `addresses` and registers `storage_name`.
 
     `client` is the storage: it gets the server's one-way calls
-    (`invalidateTransaction`, `info`), `verify(server_tid)` right after
-    registration (invalidations are held until it returns),
+    (`invalidateTransaction`, `info`), `verify(connection, server_tid)`
+    right after registration (it returns the tid up to which the cache is
+    now known to be current; invalidations are held until then),
     `connected(info, read_only)` once the connection is usable, and
-    `disconnected()`.
+    `disconnected()` when a published connection is lost.
     """
 
     def __init__(self, addresses, storage_name, client, read_only=False,
@@ -100,12 +104,22 @@ class ConnectionManager:
         self.retry = retry or RetryPolicy()
         self.name = name
         self._client = client
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _connection, _pending, read-only
         self._connection = None
+        self._pending = None  # a connection still registering
         self._registered_read_only = False
         self._closed = threading.Event()
-        self._connector = None
+        #: Set when the connector has something new to look at: the
+        #: published connection was lost, or the client is closing.
+        self._wake = threading.Event()
+        #: Set whenever a connection has been published.
+        self._ready = threading.Event()
         self._last_error = None
+        #: What the connector is doing now, for the constructor's error.
+        self._attempt = None
+        self._connector = threading.Thread(
+            target=self._connector_loop, name="zeo-client-connect-%s" % name,
+            daemon=True)
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop, name="zeo-client-heartbeat-%s" % name,
             daemon=True)
@@ -130,99 +144,146 @@ class ConnectionManager:
     # -- connecting -----------------------------------------------------------
 
     def connect(self, wait=True, timeout=None):
-        """Connect now (blocking until `timeout`, None = forever) or, with
-        `wait` false, in a background thread."""
-        if not wait:
-            self._connector = threading.Thread(
-                target=self._connect_loop, name="zeo-client-connect-%s"
-                % self.name, daemon=True)
-            self._connector.start()
-            return
-        if not self._connect_loop(timeout):
+        """Start the connector; with `wait`, block until it has connected
+        (ClientDisconnected after `timeout` seconds, None = forever)."""
+        self._connector.start()
+        if wait and not self._ready.wait(timeout):
+            attempt = self._attempt
             raise ClientDisconnected(
-                "could not connect to %s within %s seconds (last error: %s)"
-                % (", ".join(map(str, self.addresses)), timeout,
-                   self._last_error))
+                "could not connect to %s within %s seconds (last error: "
+                "%s%s)" % (", ".join(map(str, self.addresses)), timeout,
+                           self._last_error, "; still %s" % attempt
+                           if attempt else ""))
 
-    def _connect_loop(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.retry.delays()
+    def _connector_loop(self):
+        """Keep a connection, and a writable one if the client may write.
+
+        Each round tries every address; after a round that fails it waits
+        the next delay of the retry policy (woken early by a lost
+        connection or close()).  The delays start again from the minimum
+        whenever the goal changes: from "any connection" to "a writable
+        one" or back.
+        """
+        delays = None
+        goal = None
         while not self._closed.is_set():
-            attempt_timeout = CONNECT_TIMEOUT
-            if deadline is not None:
-                attempt_timeout = max(min(attempt_timeout,
-                                          deadline - time.monotonic()), 0.1)
-            if self._try_addresses(attempt_timeout):
-                return True
-            delay = next(delays)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            self._wake.clear()
+            if not self.is_connected():
+                new_goal, found = "connect", self._try_addresses(False)
+            elif self.read_only_fallback and self._registered_read_only:
+                new_goal, found = "writable", self._try_addresses(True)
+            else:
+                goal = None
+                self._wake.wait()
+                continue
+            if found:
+                continue
+            if new_goal != goal:
+                goal, delays = new_goal, self.retry.delays()
+            self._wake.wait(next(delays))
+
+    def _try_addresses(self, writable_only):
+        """Try each address in turn; True once one is registered.
+
+        With `writable_only` (a read-only-fallback client looking for a
+        better server) the address in use is skipped and a read-only
+        answer counts as a failure.
+        """
+        current = self._connection
+        try:
+            for address in list(self.addresses):
+                if self._closed.is_set():
                     return False
-                delay = min(delay, remaining)
-            self._closed.wait(delay)
-        return False
+                if writable_only and current is not None \
+                        and address == current.address:
+                    continue
+                if self._try_address(address, writable_only):
+                    return True
+            return False
+        finally:
+            self._attempt = None
 
-    def _try_addresses(self, timeout):
-        """Try each address in turn, each for up to `timeout` seconds to
-        connect and read the greeting; True once one is connected."""
-        for address in list(self.addresses):
-            if self._closed.is_set():
-                return False
-            try:
-                connection = Connection.open(
-                    address, self._client, self._connection_closed, timeout)
-            except Exception as error:
-                self._last_error = "%s: %s" % (address, error)
-                logger.info("cannot connect to %s", self._last_error)
-                continue
-            try:
-                self._register(connection, timeout)
-            except Exception as error:
-                self._last_error = "%s: %s: %s" % (
-                    connection.label, type(error).__name__, error)
-                logger.warning("registering with %s failed",
-                               self._last_error)
-                connection.close()
-                continue
-            return True
-        return False
+    def _try_address(self, address, writable_only):
+        """Connect to `address` and register; True once published."""
+        self._attempt = "connecting to %s" % (address,)
+        try:
+            connection = Connection.open(
+                address, self._client, self._connection_closed,
+                CONNECT_TIMEOUT)
+        except Exception as error:
+            self._last_error = "%s: %s" % (address, error)
+            logger.info("cannot connect to %s", self._last_error)
+            return False
+        self._attempt = "registering with %s" % connection.label
+        try:
+            self._register(connection, writable_only)
+        except Exception as error:
+            self._last_error = "%s: %s: %s" % (
+                connection.label, type(error).__name__, error)
+            level = logging.INFO if writable_only else logging.WARNING
+            logger.log(level, "registering with %s failed", self._last_error)
+            connection.close()
+            return False
+        return True
 
-    def _register(self, connection, timeout):
+    def _register(self, connection, writable_only):
         """Register, verify, get_info, label; then publish `connection`.
 
-        The server must answer each step within `timeout` seconds.
+        The server must answer each step within CONNECT_TIMEOUT seconds.
+        A read-only connection this replaces is closed once the new one
+        is published, so calls never find no connection in between.
         """
-        read_only = self.read_only
-        try:
-            server_tid = connection.call("register", self.storage_name,
-                                         read_only, timeout=timeout)
-        except ReadOnlyError:
-            if not self.read_only_fallback:
-                raise
-            read_only = True
-            server_tid = connection.call("register", self.storage_name, True,
-                                         timeout=timeout)
-        self._client.verify(server_tid)
-        connection.release(server_tid)
-        info = connection.call("get_info", timeout=timeout)
-        if self.client_label:
-            connection.oneway("set_client_label", self.client_label)
         with self._lock:
             if self._closed.is_set():
                 raise ClientDisconnected("client closed while connecting")
-            self._registered_read_only = read_only
-            self._connection = connection
+            self._pending = connection
+        try:
+            read_only = self.read_only
+            try:
+                server_tid = connection.call("register", self.storage_name,
+                                             read_only,
+                                             timeout=CONNECT_TIMEOUT)
+            except ReadOnlyError:
+                if not self.read_only_fallback or writable_only:
+                    raise
+                read_only = True
+                server_tid = connection.call("register", self.storage_name,
+                                             True, timeout=CONNECT_TIMEOUT)
+            verified_tid = self._client.verify(connection, server_tid)
+            connection.release(verified_tid)
+            info = connection.call("get_info", timeout=CONNECT_TIMEOUT)
+            if self.client_label:
+                connection.oneway("set_client_label", self.client_label)
+            with self._lock:
+                if self._closed.is_set():
+                    raise ClientDisconnected("client closed while connecting")
+                if connection.closed:
+                    raise ClientDisconnected("connection lost while "
+                                             "registering")
+                previous, self._connection = self._connection, connection
+                self._registered_read_only = read_only
+        finally:
+            with self._lock:
+                self._pending = None
         logger.info("connected to %s, storage %r%s", connection.label,
                     self.storage_name, " (read-only)" if read_only else "")
         self._client.connected(info, read_only)
+        self._ready.set()
+        if previous is not None:
+            if not previous.closed:
+                logger.info("leaving read-only server %s for writable %s",
+                            previous.label, connection.label)
+            previous.close()
 
     def _connection_closed(self, connection):
+        """A connection ended (called on its reader thread).  Only the
+        loss of the published one matters: the connector reconnects."""
         with self._lock:
             if connection is not self._connection:
                 return
             self._connection = None
         self._client.disconnected()
+        self._wake.set()
 
     # -- the heartbeat --------------------------------------------------------
 
@@ -241,10 +302,13 @@ class ConnectionManager:
     def close(self):
         """Close the connection and stop every thread.  Idempotent."""
         self._closed.set()
+        self._wake.set()
         with self._lock:
             connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()
+            pending = self._pending
+        for open_connection in (pending, connection):
+            if open_connection is not None:
+                open_connection.close()
         for thread in (self._connector, self._heartbeat):
-            if thread is not None and thread is not threading.current_thread():
+            if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(CONNECT_TIMEOUT + 5)

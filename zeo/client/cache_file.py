@@ -1,0 +1,462 @@
+"""The persistent client cache: `ClientCache`'s interface, kept on disk.
+
+A client opened with `client="name"` keeps its cache in a file
+``<name>-<storage>.zec`` so a restarted process starts warm: the entries
+and the last tid come back, and the connection's verification (PROTOCOL.md
+8.1) only has to ask the server what changed since that tid.
+
+The file is an append-only log.  It starts with `MAGIC`; each record is
+
+    crc32 (4 bytes) | kind (1 byte) | payload length (4 bytes) | payload
+
+with the CRC32 covering kind, length and payload.  The kinds are
+
+* `STORE`: oid, start tid, end tid (zeros for "current"), data;
+* `INVALIDATE`: oid, tid: the current revision of oid ends at tid;
+* `REMOVE`: oid, start tid: that revision left the cache (evicted, or
+  found damaged);
+* `FORGET`: oid: every revision of oid left the cache;
+* `LAST_TID`: tid: the new last tid.
+
+Every change appends its record with one write before the in-memory index
+is updated, so the file always holds the history of the cache up to some
+point; a process killed at any moment leaves a file whose longest valid
+prefix is a state the cache really was in.  Opening replays that prefix
+into an index `(oid, start) -> (record offset, record length, end)` and
+truncates the file at the first record that is torn or fails its CRC:
+records after a bad one are dropped too, because skipping one (an
+invalidation, say) could make an older record claim a revision is still
+current.  Loads find the record through the index (a dict lookup), read it
+back with one `pread` and check its CRC again, so damage that happens
+after opening is not returned as data either.
+
+Records that no longer describe a live entry are garbage.  When garbage
+passes half the size limit, the live entries are copied, least recently
+used first, into a new file that replaces the old one with an atomic
+rename (`compact`), so the file stays within about 1.5 times the limit,
+and no store rewrites more than its own record.  `clear()` truncates the
+file to its header.
+
+One process at a time may use a cache file: a `zc.lockfile` lock on
+``<file>.lock`` is taken on open; a second opener gets `CacheFileLocked`.
+"""
+
+import collections
+import logging
+import os
+import struct
+import threading
+import zlib
+
+import zc.lockfile
+from ZODB.utils import u64, z64
+
+from zeo.client.cache import ENTRY_OVERHEAD
+
+logger = logging.getLogger(__name__)
+
+#: The first bytes of a cache file (format name and version).
+MAGIC = b"ZEOCLOG1"
+
+STORE = b"S"
+INVALIDATE = b"I"
+REMOVE = b"R"
+FORGET = b"F"
+LAST_TID = b"L"
+
+#: Payload lengths of the fixed-size kinds; a STORE has at least 24 bytes.
+_FIXED_LENGTHS = {INVALIDATE: 16, REMOVE: 16, FORGET: 8, LAST_TID: 8}
+_STORE_HEAD = 24  # oid, start, end
+
+_HEADER = struct.Struct(">IcI")  # crc32, kind, payload length
+
+#: Garbage is compacted away once it exceeds this share of the limit...
+GARBAGE_RATIO = 0.5
+#: ...or this many bytes, whichever is larger (tiny limits would otherwise
+#: compact on nearly every store).
+MIN_GARBAGE = 4096
+
+
+class CacheFileLocked(zc.lockfile.LockError):
+    """Another process (or another open cache here) uses the cache file."""
+
+
+def cache_file_path(client, storage, var=None):
+    """Where the cache of client `client` for storage `storage` lives."""
+    return os.path.join(var or os.getcwd(), "%s-%s.zec" % (client, storage))
+
+
+def _record(kind, payload):
+    header_tail = _HEADER.pack(0, kind, len(payload))[4:]
+    crc = zlib.crc32(payload, zlib.crc32(header_tail))
+    return _HEADER.pack(crc, kind, len(payload)) + payload
+
+
+def _crc_ok(record):
+    return _HEADER.unpack_from(record)[0] == zlib.crc32(
+        memoryview(record)[4:])
+
+
+class FileClientCache:
+    """A client cache of object revisions, persistent in the file `path`.
+
+    Same behaviour as `ClientCache` (see its module) for `load_before`,
+    `store`, `invalidate`, `forget`, `set_last_tid`, `last_tid`, `clear`,
+    `len()` and `size`; plus `close()`, which releases the file and its
+    lock.  The least-recently-used order is not recorded: after reopening
+    it is the order in which the entries were written.
+    """
+
+    def __init__(self, path, size=20 * 2 ** 20):
+        self.path = path
+        self.limit = size
+        self._lock = threading.Lock()
+        try:
+            self._file_lock = zc.lockfile.LockFile(path + ".lock")
+        except zc.lockfile.LockError:
+            raise CacheFileLocked(
+                "the client cache file %s is in use by another process "
+                "(or open twice); each client name needs its own cache"
+                % path) from None
+        try:
+            self._open()
+        except BaseException:
+            self._file_lock.close()
+            raise
+
+    def _open(self):
+        self._reset_index()
+        self._last_tid = None
+        # A compaction interrupted before its rename leaves this behind.
+        if os.path.exists(self._compaction_path()):
+            os.remove(self._compaction_path())
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._end = self._replay()
+            self._evict()
+            self._maybe_compact()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _reset_index(self):
+        # (oid, start) -> [record offset, record length, end], LRU first.
+        self._entries = collections.OrderedDict()
+        self._by_oid = {}  # oid -> set of start tids
+        self._current = {}  # oid -> start tid of the current revision
+        self._size = 0  # bytes charged, as ClientCache charges them
+        self._live = 0  # bytes of the records of live entries
+
+    def _compaction_path(self):
+        return self.path + ".tmp"
+
+    # -- opening: replay the valid prefix of the log --------------------------
+
+    def _replay(self):
+        """Rebuild the index from the file; return the end of its valid
+        prefix, having truncated the file there."""
+        with open(self.path, "rb", closefd=True) as log:
+            magic = log.read(len(MAGIC))
+            if magic != MAGIC:
+                return self._restart_file(
+                    magic and "is not a cache file (bad header)")
+            offset = len(MAGIC)
+            while True:
+                record = log.read(_HEADER.size)
+                if not record:
+                    return offset
+                problem = self._replay_record(log, record, offset)
+                if problem:
+                    logger.warning(
+                        "client cache %s: %s at offset %d; dropping the "
+                        "rest of the file (%d bytes)", self.path, problem,
+                        offset, os.fstat(self._fd).st_size - offset)
+                    os.ftruncate(self._fd, offset)
+                    return offset
+                offset += len(record) + _HEADER.unpack(record)[2]
+
+    def _replay_record(self, log, header, offset):
+        """Apply one record read at `offset`; a description of what is
+        wrong with it instead, if anything."""
+        if len(header) < _HEADER.size:
+            return "torn record header"
+        _crc, kind, length = _HEADER.unpack(header)
+        if kind == STORE:
+            if length < _STORE_HEAD:
+                return "bad record length"
+        elif _FIXED_LENGTHS.get(kind) != length:
+            return "bad record kind or length"
+        payload = log.read(length)
+        if len(payload) < length:
+            return "torn record"
+        if not _crc_ok(header + payload):
+            return "checksum mismatch"
+        self._apply(kind, payload, offset, len(header) + length)
+        return None
+
+    def _apply(self, kind, payload, offset, record_length):
+        if kind == STORE:
+            oid, start, end = payload[:8], payload[8:16], payload[16:24]
+            self._index_store(oid, start, None if end == z64 else end,
+                              offset, record_length)
+        elif kind == INVALIDATE:
+            self._index_invalidate(payload[:8], payload[8:])
+        elif kind == REMOVE:
+            key = (payload[:8], payload[8:])
+            if key in self._entries:
+                self._index_remove(key)
+        elif kind == FORGET:
+            self._index_forget(payload)
+        else:
+            self._last_tid = bytes(payload)
+
+    def _restart_file(self, why):
+        """Start the file anew; log `why` unless it was just created."""
+        if why:
+            logger.warning("client cache %s %s; starting it empty",
+                           self.path, why)
+        os.ftruncate(self._fd, 0)
+        self._write_at(0, MAGIC)
+        return len(MAGIC)
+
+    # -- the ClientCache interface -------------------------------------------
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def size(self):
+        """Bytes charged for the entries held now."""
+        with self._lock:
+            return self._size
+
+    def last_tid(self):
+        """The newest transaction applied to the cache, or None."""
+        with self._lock:
+            return self._last_tid
+
+    def set_last_tid(self, tid):
+        """Record that every invalidation up to `tid` has been applied.
+
+        The last tid never goes backwards: a smaller value is ignored.
+        """
+        with self._lock:
+            if self._last_tid is None or tid > self._last_tid:
+                self._append(LAST_TID, tid)
+                self._last_tid = tid
+                self._maybe_compact()
+
+    def load_before(self, oid, tid):
+        """`(data, start, end)` of the revision current before `tid`, or
+        None when the cache cannot answer."""
+        with self._lock:
+            starts = self._by_oid.get(oid)
+            if not starts:
+                return None
+            current = self._current.get(oid)
+            if current is not None and current < tid and \
+                    self._last_tid is not None and \
+                    u64(tid) <= u64(self._last_tid) + 1:
+                return self._hit(oid, current)
+            for start in starts:
+                if start < tid and start != current:
+                    end = self._entries[oid, start][2]
+                    if tid <= end:
+                        return self._hit(oid, start)
+            return None
+
+    def _hit(self, oid, start):
+        key = (oid, start)
+        offset, length, end = self._entries[key]
+        record = self._read_at(offset, length)
+        if len(record) != length or not _crc_ok(record):
+            logger.warning("client cache %s: record at offset %d is "
+                           "damaged; dropping it", self.path, offset)
+            self._append(REMOVE, oid + start)
+            self._index_remove(key)
+            self._maybe_compact()
+            return None
+        self._entries.move_to_end(key)
+        return record[_HEADER.size + _STORE_HEAD:], start, end
+
+    def store(self, oid, start, end, data):
+        """Remember a revision; `end` None means it is current."""
+        with self._lock:
+            offset = self._append(
+                STORE, b"".join((oid, start, end or z64, data)))
+            self._index_store(oid, start, end, offset,
+                              _HEADER.size + _STORE_HEAD + len(data))
+            self._evict()
+            self._maybe_compact()
+
+    def invalidate(self, oid, tid):
+        """Transaction `tid` changed `oid`: its current revision ends there."""
+        with self._lock:
+            if oid in self._current:
+                self._append(INVALIDATE, oid + tid)
+                self._index_invalidate(oid, tid)
+                self._maybe_compact()
+
+    def forget(self, oid):
+        """Drop every revision of `oid` (its state is uncertain)."""
+        with self._lock:
+            if oid in self._by_oid:
+                self._append(FORGET, oid)
+                self._index_forget(oid)
+                self._maybe_compact()
+
+    def clear(self):
+        """Drop everything, including the last tid."""
+        with self._lock:
+            os.ftruncate(self._fd, len(MAGIC))
+            self._end = len(MAGIC)
+            self._reset_index()
+            self._last_tid = None
+
+    def close(self):
+        """Release the file and its lock.  The contents stay on disk for
+        the next process; using the cache afterwards is an error."""
+        with self._lock:
+            if self._fd is None:
+                return
+            os.close(self._fd)
+            self._fd = None
+            self._reset_index()
+            self._file_lock.close()
+
+    # -- the index (the same rules as ClientCache) ----------------------------
+
+    def _index_store(self, oid, start, end, offset, record_length):
+        key = (oid, start)
+        if end is None:
+            current = self._current.get(oid)
+            if current is not None and current != start:
+                self._index_remove((oid, current))
+            self._current[oid] = start
+        elif self._current.get(oid) == start:
+            del self._current[oid]
+        if key in self._entries:
+            self._index_remove(key, keep_current=end is None)
+        self._entries[key] = [offset, record_length, end]
+        self._by_oid.setdefault(oid, set()).add(start)
+        self._size += record_length - _HEADER.size - _STORE_HEAD + \
+            ENTRY_OVERHEAD
+        self._live += record_length
+
+    def _index_invalidate(self, oid, tid):
+        start = self._current.pop(oid, None)
+        if start is None:
+            return
+        if start >= tid:
+            self._index_remove((oid, start))
+        else:
+            self._entries[oid, start][2] = tid
+
+    def _index_forget(self, oid):
+        for start in list(self._by_oid.get(oid, ())):
+            self._index_remove((oid, start))
+
+    def _index_remove(self, key, keep_current=False):
+        oid, start = key
+        _offset, record_length, _end = self._entries.pop(key)
+        self._size -= record_length - _HEADER.size - _STORE_HEAD + \
+            ENTRY_OVERHEAD
+        self._live -= record_length
+        starts = self._by_oid[oid]
+        starts.discard(start)
+        if not starts:
+            del self._by_oid[oid]
+        if not keep_current and self._current.get(oid) == start:
+            del self._current[oid]
+
+    def _evict(self):
+        while self._size > self.limit and self._entries:
+            key = next(iter(self._entries))
+            self._append(REMOVE, key[0] + key[1])
+            self._index_remove(key)
+
+    # -- the file -------------------------------------------------------------
+
+    def _append(self, kind, payload):
+        """Write one record at the end of the log; return its offset."""
+        offset = self._end
+        record = _record(kind, payload)
+        self._write_at(offset, record)
+        self._end = offset + len(record)
+        return offset
+
+    def _write_at(self, offset, data):
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def _read_at(self, offset, length):
+        return os.pread(self._fd, length, offset)
+
+    def garbage(self):
+        """Bytes of the file that no longer describe a live entry."""
+        return self._end - len(MAGIC) - self._live
+
+    def _maybe_compact(self):
+        if self.garbage() > max(self.limit * GARBAGE_RATIO, MIN_GARBAGE):
+            self._compact()
+
+    def compact(self):
+        """Rewrite the file with only the live entries and the last tid."""
+        with self._lock:
+            self._compact()
+
+    def _compact(self):
+        """Copy the live records, least recently used first and with their
+        current end tids, to a new file, then rename it over the old one.
+
+        A crash before the rename leaves the old file intact (the new one
+        is removed on the next open); after it, the new file is complete
+        because it was synced before the rename.
+        """
+        new_path = self._compaction_path()
+        new_fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+        try:
+            moved = self._copy_live_entries(new_fd)
+            os.fsync(new_fd)
+            os.replace(new_path, self.path)
+        except BaseException:
+            os.close(new_fd)
+            os.remove(new_path)
+            raise
+        os.close(self._fd)
+        self._fd = new_fd
+        for key, (offset, length) in moved.items():
+            self._entries[key][:2] = [offset, length]
+        self._end = os.fstat(new_fd).st_size
+
+    def _copy_live_entries(self, new_fd):
+        """Write the live entries to `new_fd`; return their new places.
+
+        An entry whose record is found damaged is left out (and dropped
+        from the index): the copy must not turn bad data into good.
+        """
+        moved = {}
+        with open(new_fd, "wb", closefd=False) as out:
+            out.write(MAGIC)
+            offset = len(MAGIC)
+            for key, (old_offset, length, end) in list(self._entries.items()):
+                record = self._read_at(old_offset, length)
+                if len(record) != length or not _crc_ok(record):
+                    logger.warning(
+                        "client cache %s: record at offset %d is damaged; "
+                        "dropping it", self.path, old_offset)
+                    self._index_remove(key)
+                    continue
+                out.write(_record(STORE, b"".join(
+                    (key[0], key[1], end or z64,
+                     record[_HEADER.size + _STORE_HEAD:]))))
+                moved[key] = (offset, length)
+                offset += length
+            if self._last_tid is not None:
+                out.write(_record(LAST_TID, self._last_tid))
+        return moved
