@@ -19,6 +19,8 @@ import os
 import unittest
 
 import pytest
+import ZODB
+import ZODB.tests.util
 from ZODB.tests import BasicStorage
 from ZODB.tests import ConflictResolution
 from ZODB.tests import HistoryStorage
@@ -32,6 +34,7 @@ from ZODB.tests import RevisionStorage
 from ZODB.tests import StorageTestBase
 from ZODB.tests import Synchronization
 from ZODB.tests import TransactionalUndoStorage
+from ZODB.tests import testZODB
 
 from conftest import CLIENT_TIMEOUT, filestorage_section, server_environment
 from server_process import OURS, THEIRS, start_configured_server
@@ -172,3 +175,30 @@ class TestWithoutCacheAgainstOurServer(ClientStorageConformance,
     __test__ = True
     server_impl = OURS
     client_options = {"cache_size": 1}
+
+
+class DatabaseTestsThroughClient(testZODB.ZODBTests):
+    """ZODB's database-level tests (export/import, savepoints, undo, cache
+    resets) with a `ZODB.DB` on our client instead of a local FileStorage."""
+
+    __test__ = False
+    server_impl = None
+
+    def setUp(self):
+        ZODB.tests.util.TestCase.setUp(self)
+        server, name = self.pool.take()
+        self._storage = ClientStorage(server.address, name,
+                                      wait_timeout=CLIENT_TIMEOUT)
+        self._db = ZODB.DB(self._storage)
+
+
+@pytest.mark.usefixtures("storage_pool")
+class TestDatabaseAgainstOurServer(DatabaseTestsThroughClient):
+    __test__ = True
+    server_impl = OURS
+
+
+@pytest.mark.usefixtures("storage_pool")
+class TestDatabaseAgainstRealZEOServer(DatabaseTestsThroughClient):
+    __test__ = True
+    server_impl = THEIRS
