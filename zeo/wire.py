@@ -145,6 +145,8 @@ def check_pickle_shape(payload):
     if len(payload) < _UNSCANNED_PAYLOAD and not any(
             opcode in payload for opcode in _MEMO_GET_BYTES):
         return
+    if _plainly_shaped(payload):
+        return
     stack = []  # (depth, shareable) of each value on the simulated stack
     marks = []
     memo = {}
@@ -170,6 +172,67 @@ def check_pickle_shape(payload):
                 _simulate(opcode, stack, marks)
     except (ValueError, IndexError, KeyError) as error:
         raise ProtocolError("malformed pickle: %s" % error) from None
+
+
+def _opcode_skips():
+    """For each opcode byte: how to step over its argument.
+
+    `("fixed", n)` or `("counted", width)` (a little-endian length of
+    `width` bytes, then that many bytes); opcodes missing from the table
+    (memo gets, DUP, text-argument opcodes, anything refused) are left to
+    the full scan.
+    """
+    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1,
+              pickletools.TAKEN_FROM_ARGUMENT4: 4,
+              pickletools.TAKEN_FROM_ARGUMENT4U: 4,
+              pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+    table = {}
+    for opcode in pickletools.opcodes:
+        if opcode.name in _REFUSED_OPCODES or opcode.name in _MEMO_GETS \
+                or opcode.name == "DUP":
+            continue
+        code = ord(opcode.code)
+        if opcode.arg is None:
+            table[code] = ("fixed", 0)
+        elif opcode.arg.n >= 0:
+            table[code] = ("fixed", opcode.arg.n)
+        elif opcode.arg.n in widths:
+            table[code] = ("counted", widths[opcode.arg.n])
+    return table
+
+
+_OPCODE_SKIPS = _opcode_skips()
+_STOP = ord(".")
+#: A pickle of at most this many opcodes cannot nest deep enough to hurt.
+_PLAIN_OPCODE_LIMIT = 4096
+
+
+def _plainly_shaped(payload):
+    """True if the pickle has neither memo gets nor DUP and is short in
+    opcodes (so it cannot nest dangerously deep): the shape of every
+    message a ZEO peer pickles in "fast" mode.  Walks the opcodes only,
+    skipping their arguments (object records are one opcode each), so it
+    costs a few microseconds.  False means "look closer", not "refuse".
+    """
+    position, end, count = 0, len(payload), 0
+    skips = _OPCODE_SKIPS
+    while position < end and count < _PLAIN_OPCODE_LIMIT:
+        code = payload[position]
+        count += 1
+        skip = skips.get(code)
+        if skip is None:
+            return False
+        kind, size = skip
+        position += 1
+        if kind == "counted":
+            length = int.from_bytes(payload[position:position + size],
+                                    "little")
+            position += size + length
+        else:
+            position += size
+        if code == _STOP:
+            return position == end
+    return False
 
 
 def _simulate(opcode, stack, marks):
