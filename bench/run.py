@@ -1,13 +1,18 @@
-"""`make bench`: our server against the real ZEO server, side by side.
+"""`make bench`: our server and client against the real ZEO ones, side by side.
 
-Every line of the table is one workload driven by one kind of client with
-one or eight concurrent client processes.  Each measurement starts a server
-process (ours or ZEO's) on a fresh copy of a pre-filled FileStorage, runs
-the clients for a fixed time window and stops the server.  Repetitions are
-passes over all lines; inside a pass, the two servers of a line are measured
-back to back and the one that goes first alternates from pass to pass, so
-slow drift of the shared machine hits both sides alike.  The table shows
-the median of the repetitions for each side and the ratio of the medians.
+A measurement is one workload, one kind of client (raw, ZEO's
+ClientStorage or ours) with one or eight concurrent client processes, and
+one server (ours or ZEO's).  Each measurement starts the server process on
+a fresh copy of a pre-filled FileStorage, runs the clients for a fixed
+time window and stops the server.  Repetitions are passes over all
+measurements; inside a pass, the measurements of one workload and client
+count are made back to back, in an order that is reversed from pass to
+pass, so slow drift of the shared machine hits both sides of every
+comparison alike.  The tables compare two measurements per line: the same
+client on our server and on ZEO's, our client and server against ZEO's
+client and server ("pairs"), and our client against ZEO's client, both on
+the real ZEO server.  They show the median of the repetitions for each
+side and the ratio of the medians.
 
 After each measurement the server's own `server_status()` counters are
 compared with what the clients did, which proves that the loads really
@@ -39,45 +44,68 @@ sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 import server_process  # noqa: E402
 from raw_client import Z64, RawClient, RawServerError  # noqa: E402
 from workloads import (  # noqa: E402
-    COMMIT, LOAD, RAW, ZEO_CLIENT, WorkerError, WorkerPool, object_record)
+    COMMIT, LOAD, OUR_CLIENT, RAW, ZEO_CLIENT, WorkerError, WorkerPool,
+    object_record)
 
 CONCURRENCY = 8
 #: Distinct server log error messages shown per server.
 LOG_EXAMPLES = 3
 SERVERS = ("ours", "ZEO")
-#: The table's lines, in order: (workload, client, concurrent clients).
-LINES = [
-    (workload, client, clients)
-    for workload in (LOAD, COMMIT)
-    for clients in (1, CONCURRENCY)
-    for client in (RAW, ZEO_CLIENT)
-]
+#: Groups of measurements, in table order: (workload, concurrent clients).
+GROUPS = [(workload, clients)
+          for workload in (LOAD, COMMIT)
+          for clients in (1, CONCURRENCY)]
+#: The (client, server) measurements of a group, in the order of the
+#: forward passes (every other pass goes backwards).  The two cells of
+#: each comparison below are neighbours, except the pairs', which have one
+#: measurement between them, so no comparison spans a long stretch of time.
+CELLS = [(RAW, "ours"), (RAW, "ZEO"),
+         (ZEO_CLIENT, "ours"), (ZEO_CLIENT, "ZEO"),
+         (OUR_CLIENT, "ZEO"), (OUR_CLIENT, "ours")]
 WORKLOAD_TITLES = {LOAD: "uncached load round trips",
                    COMMIT: "1-object commits"}
 
 
+class Comparison(collections.namedtuple(
+        "Comparison", "label ours theirs")):
+    """One line of a table: the "ours" cell against the "theirs" cell."""
+
+
+#: The same client on our server and on the real ZEO server.
+SERVER_COMPARISONS = [Comparison(client, (client, "ours"), (client, "ZEO"))
+                      for client in (RAW, ZEO_CLIENT, OUR_CLIENT)]
+#: Our client against the ZEO client: each with its own server (what an
+#: application gets from either package), and both on the real ZEO server
+#: (only the client differs).
+CLIENT_COMPARISONS = [
+    Comparison("pairs", (OUR_CLIENT, "ours"), (ZEO_CLIENT, "ZEO")),
+    Comparison("on ZEO server", (OUR_CLIENT, "ZEO"), (ZEO_CLIENT, "ZEO")),
+]
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
-        description="Compare our ZEO server with the real ZEO server.")
+        description="Compare our ZEO server and client with the real "
+                    "ZEO server and client.")
     parser.add_argument(
         "--quick", action="store_true",
         help="short windows, one repetition: checks that the bench works; "
              "the figures mean little")
     parser.add_argument(
         "--repetitions", type=int,
-        help="measurements per line and server (default 5, quick 1)")
+        help="passes over all measurements (default 5, quick 1)")
     parser.add_argument(
         "--duration", type=float,
-        help="seconds of each measurement window (default 1.5, quick 0.3)")
+        help="seconds of each measurement window (default 1.5, quick 0.2)")
     parser.add_argument(
         "--objects", type=int,
         help="objects in the pre-filled storage (default 2000, quick 200)")
     parser.add_argument(
         "--ours-is-zeo", action="store_true",
-        help="stand-in mode: run the real ZEO server in the 'ours' column "
-             "too (to develop the bench while our server does not run)")
+        help="stand-in mode: run the real ZEO server and client in the "
+             "'ours' columns too (every ratio should then be about 1)")
     options = parser.parse_args(argv)
-    defaults = (1, 0.3, 200) if options.quick else (5, 1.5, 2000)
+    defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
     for name, default in zip(("repetitions", "duration", "objects"),
                              defaults):
         if getattr(options, name) is None:
@@ -90,6 +118,13 @@ def server_module(side, options):
     if side == "ours" and not options.ours_is_zeo:
         return server_process.OURS
     return server_process.THEIRS
+
+
+def client_kind(client, options):
+    """The client a cell really runs: ours is ZEO's with --ours-is-zeo."""
+    if client == OUR_CLIENT and options.ours_is_zeo:
+        return ZEO_CLIENT
+    return client
 
 
 class Template:
@@ -122,19 +157,21 @@ class Template:
 
 
 class Measurement:
-    """The figures of one server process running one line once.
+    """The figures of one server process running one cell of a group once.
 
     `cpu_per_operation` is the server process's CPU time (all threads,
     user + system) per completed operation in microseconds, or None where
-    it cannot be read.
+    it cannot be read.  `client_cpu_per_operation` is the same for the
+    client processes together, or None when nothing completed.
     """
 
     def __init__(self, throughput, problems, log_problems,
-                 cpu_per_operation=None):
+                 cpu_per_operation=None, client_cpu_per_operation=None):
         self.throughput = throughput
         self.problems = problems
         self.log_problems = log_problems
         self.cpu_per_operation = cpu_per_operation
+        self.client_cpu_per_operation = client_cpu_per_operation
 
 
 class ServerCpuMeter:
@@ -169,14 +206,15 @@ class ServerCpuMeter:
         self.seconds = self._read() - self._started
 
 
-def measure(line, side, options, template, pool, scratch):
-    """Start a server on a fresh storage, run `line` on it, stop it.
+def measure(group, cell, options, template, pool, scratch):
+    """Start a server on a fresh storage, run a group's cell on it, stop it.
 
     A server that fails to start or a client that fails gives a zero
     figure and a problem report, and the bench goes on with the next
     measurement.
     """
-    workload, client, clients = line
+    workload, clients = group
+    client, side = cell
     directory = tempfile.mkdtemp(dir=scratch)
     template.copy_to(directory)
     try:
@@ -187,9 +225,10 @@ def measure(line, side, options, template, pool, scratch):
         return Measurement(0.0, ["server did not start: %s" % exc], [])
     problems = []
     completed = 0
-    cpu_per_operation = None
+    cpu_per_operation = client_cpu_per_operation = None
     try:
-        specs = [{"client": client, "address": server.address,
+        specs = [{"client": client_kind(client, options),
+                  "address": server.address,
                   "workload": workload, "oids": template.oids,
                   "index": index, "count": clients}
                  for index in range(clients)]
@@ -199,9 +238,16 @@ def measure(line, side, options, template, pool, scratch):
         completed = sum(result["completed"] for result in results)
         if meter is not None and completed:
             cpu_per_operation = meter.seconds / completed * 1e6
+        if completed:
+            client_cpu_per_operation = (
+                sum(result["cpu"] for result in results) / completed * 1e6)
         late = max(result["late"] for result in results)
         if late > options.duration * 0.05:
             problems.append("a client started %.3fs late" % late)
+        for result in results:
+            if result["threads_left"]:
+                problems.append("threads still running after close(): %s"
+                                % ", ".join(result["threads_left"]))
         problems.extend(check_counters(workload, results, server.address))
     except WorkerError as exc:
         problems.append(str(exc))
@@ -212,7 +258,8 @@ def measure(line, side, options, template, pool, scratch):
         problems.append("server exited with status %s after SIGTERM"
                         % status)
     return Measurement(completed / options.duration, problems,
-                       log_problems(server.log_lines), cpu_per_operation)
+                       log_problems(server.log_lines), cpu_per_operation,
+                       client_cpu_per_operation)
 
 
 def check_counters(workload, results, address):
@@ -247,10 +294,12 @@ def log_problems(lines):
 
 
 def header(options):
-    ours = ("the real ZEO server as a STAND-IN (--ours-is-zeo)"
-            if options.ours_is_zeo else "zeo.runzeo (this repository)")
+    ours = ("the real ZEO server and client as STAND-INS (--ours-is-zeo)"
+            if options.ours_is_zeo
+            else "zeo.runzeo and zeo.ClientStorage (this repository)")
     return [
-        "zeo benchmark: our server vs the real ZEO server",
+        "zeo benchmark: our server and client vs the real ZEO server and "
+        "client",
         "Python %s (%s), %d CPUs, %s" % (
             platform.python_version(), platform.python_implementation(),
             os.cpu_count(), platform.platform()),
@@ -263,38 +312,43 @@ def header(options):
     ]
 
 
-def line_label(line):
-    workload, client, clients = line
+def group_label(group):
+    workload, clients = group
     return "%s, %d client%s" % (WORKLOAD_TITLES[workload], clients,
                                 "s" if clients > 1 else "")
 
 
-def format_table(results, figure, unit, number_format):
-    """One table: per-server medians of `figure`, their ratio, its range.
+def format_table(results, comparisons, second_column, figure, unit,
+                 number_format):
+    """One table: per-side medians of `figure`, their ratio, its range.
 
-    `figure` extracts the value from a Measurement.  Lines without values
-    (no CPU figures off Linux) are left out.
+    One line per group and comparison.  `figure` extracts the value from
+    a Measurement.  Lines without values (no server CPU figures off Linux)
+    are left out.  The per-pass ratios pair the two cells' measurements of
+    the same pass.
     """
-    columns = ("workload", "client", "ours " + unit, "ZEO " + unit,
+    columns = ("workload", second_column, "ours " + unit, "ZEO " + unit,
                "ours/ZEO", "per-pass ratios")
     rows = []
-    for line in LINES:
-        ours = [figure(m) for m in results[line]["ours"]]
-        theirs = [figure(m) for m in results[line]["ZEO"]]
-        if None in ours or None in theirs:
-            continue
-        ours_median = statistics.median(ours)
-        theirs_median = statistics.median(theirs)
-        pass_ratios = [a / b for a, b in zip(ours, theirs) if b]
-        rows.append((
-            line_label(line),
-            line[1],
-            number_format % ours_median,
-            number_format % theirs_median,
-            "%.2f" % (ours_median / theirs_median) if theirs_median else "-",
-            "%.2f-%.2f" % (min(pass_ratios), max(pass_ratios))
-            if pass_ratios else "-",
-        ))
+    for group in GROUPS:
+        for comparison in comparisons:
+            ours = [figure(m) for m in results[group][comparison.ours]]
+            theirs = [figure(m) for m in results[group][comparison.theirs]]
+            if None in ours or None in theirs:
+                continue
+            ours_median = statistics.median(ours)
+            theirs_median = statistics.median(theirs)
+            pass_ratios = [a / b for a, b in zip(ours, theirs) if b]
+            rows.append((
+                group_label(group),
+                comparison.label,
+                number_format % ours_median,
+                number_format % theirs_median,
+                "%.2f" % (ours_median / theirs_median)
+                if theirs_median else "-",
+                "%.2f-%.2f" % (min(pass_ratios), max(pass_ratios))
+                if pass_ratios else "-",
+            ))
     if not rows:
         return []
     widths = [max(len(row[i]) for row in rows + [columns])
@@ -311,20 +365,20 @@ def format_table(results, figure, unit, number_format):
 def run(options):
     lines = header(options)
     print("\n".join(lines), flush=True)
-    results = {line: {side: [] for side in SERVERS} for line in LINES}
+    results = {group: {cell: [] for cell in CELLS} for group in GROUPS}
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     pool = WorkerPool(CONCURRENCY)
     started = time.monotonic()
     try:
         template = Template(scratch, options.objects)
         for repetition in range(options.repetitions):
-            order = SERVERS if repetition % 2 == 0 else SERVERS[::-1]
+            order = CELLS if repetition % 2 == 0 else CELLS[::-1]
             print("pass %d/%d ..." % (repetition + 1, options.repetitions),
                   file=sys.stderr, flush=True)
-            for line in LINES:
-                for side in order:
-                    results[line][side].append(
-                        measure(line, side, options, template, pool,
+            for group in GROUPS:
+                for cell in order:
+                    results[group][cell].append(
+                        measure(group, cell, options, template, pool,
                                 scratch))
     finally:
         pool.close()
@@ -334,11 +388,24 @@ def run(options):
           "by all clients")
     print("of the line together, median of %d windows."
           % options.repetitions)
+    print()
+    print("Servers: the same client on our server (ours) and on the real "
+          "ZEO server.")
     print("\n".join(format_table(
-        results, lambda m: m.throughput, "ops/s", "%.0f")))
-    cpu_table = format_table(
-        results, lambda m: m.cpu_per_operation, "us/op", "%.1f")
-    if cpu_table:
+        results, SERVER_COMPARISONS, "client",
+        lambda m: m.throughput, "ops/s", "%.0f")))
+    print()
+    print("Clients: pairs = our client on our server (ours) vs the ZEO "
+          "client on the ZEO")
+    print("server; on ZEO server = our client (ours) vs the ZEO client, "
+          "both on the ZEO server.")
+    print("\n".join(format_table(
+        results, CLIENT_COMPARISONS, "compared",
+        lambda m: m.throughput, "ops/s", "%.0f")))
+    server_cpu = format_table(
+        results, SERVER_COMPARISONS, "client",
+        lambda m: m.cpu_per_operation, "us/op", "%.1f")
+    if server_cpu:
         print()
         print("Server CPU time per operation (lower is better): user + "
               "system time of the")
@@ -346,7 +413,17 @@ def run(options):
               "median; here")
         print("ours/ZEO above 1 means our server spends more CPU per "
               "operation.")
-        print("\n".join(cpu_table))
+        print("\n".join(server_cpu))
+    print()
+    print("Client CPU time per operation (lower is better): user + system "
+          "time of the client")
+    print("processes (all their threads) during the window / operations "
+          "completed, median;")
+    print("here ours/ZEO above 1 means our client spends more CPU per "
+          "operation.")
+    print("\n".join(format_table(
+        results, CLIENT_COMPARISONS, "compared",
+        lambda m: m.client_cpu_per_operation, "us/op", "%.1f")))
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
     return report_problems(results)
@@ -361,13 +438,14 @@ def report_problems(results):
     servers log resets, which is the benchmark's doing, not a fault.
     """
     places = collections.defaultdict(list)
-    for line in LINES:
-        for side in SERVERS:
-            for number, measurement in enumerate(results[line][side], 1):
+    for group in GROUPS:
+        for client, side in CELLS:
+            for number, measurement in enumerate(
+                    results[group][client, side], 1):
                 for problem in measurement.problems:
                     places[side, problem].append(
                         "%s, %s client, pass %d"
-                        % (line_label(line), line[1], number))
+                        % (group_label(group), client, number))
     for (side, problem), where in places.items():
         print("PROBLEM with %s server in %d measurement%s (first: %s): %s"
               % (side, len(where), "s" if len(where) > 1 else "", where[0],
@@ -379,8 +457,9 @@ def report_problems(results):
     for side in SERVERS:
         messages = collections.Counter(
             without_timestamp(log_line)
-            for line in LINES
-            for measurement in results[line][side]
+            for group in GROUPS
+            for cell in CELLS if cell[1] == side
+            for measurement in results[group][cell]
             for log_line in measurement.log_problems)
         for message, count in messages.most_common(LOG_EXAMPLES):
             print("server log (%s), %d times: %s" % (side, count, message))
@@ -395,10 +474,11 @@ def without_timestamp(log_line):
 
 def main(argv=None):
     options = parse_arguments(argv)
-    if (not options.ours_is_zeo
-            and importlib.util.find_spec("zeo.runzeo") is None):
-        sys.exit("bench: zeo.runzeo does not exist yet; run with "
-                 "--ours-is-zeo to compare ZEO with itself")
+    missing = [module for module in ("zeo.runzeo", "zeo.ClientStorage")
+               if importlib.util.find_spec(module) is None]
+    if missing and not options.ours_is_zeo:
+        sys.exit("bench: %s does not exist yet; run with --ours-is-zeo "
+                 "to compare ZEO with itself" % " and ".join(missing))
     sys.exit(run(options))
 
 

@@ -6,19 +6,23 @@ lock, as they would be in production.  A worker lives for the whole bench
 run and takes orders from the parent through a pipe:
 
 1. ``("prepare", spec)``: connect, set up, do a few warm-up operations,
-   answer ``("ready", None)``.  Connecting is slow (the ZEO client starts an
-   event-loop thread), so it happens before the clock starts.
+   answer ``("ready", None)``.  Connecting is slow (both ClientStorages
+   start I/O threads), so it happens before the clock starts.
 2. ``("go", start_at, end_at)``: wait until `start_at`, run operations until
    `end_at` (both `time.monotonic()` values, which are system-wide on the
-   platforms we run on), disconnect, answer ``("done", result)``.
+   platforms we run on), disconnect, answer ``("done", result)``: the
+   operations completed, the worker's CPU time during the window and the
+   threads still alive after disconnecting.
 3. ``None``: exit.
 
 All workers of one measurement get the same time window, so the aggregate
 throughput is simply the sum of their counts divided by the window.
 """
 
+import importlib
 import multiprocessing
 import pickle
+import threading
 import time
 import traceback
 
@@ -28,10 +32,15 @@ LOAD = "load"
 COMMIT = "commit"
 RAW = "raw"
 ZEO_CLIENT = "ZEO"
+OUR_CLIENT = "ours"
+
+#: The module whose `ClientStorage` each storage-API client uses.
+CLIENT_MODULES = {ZEO_CLIENT: "ZEO.ClientStorage",
+                  OUR_CLIENT: "zeo.ClientStorage"}
 
 #: ClientStorage cache size for the load workload: smaller than any record,
-#: so the ZEO client cache keeps nothing and every load reaches the server
-#: (checked against the server's `loads` counter by the parent).
+#: so neither client's cache keeps anything and every load reaches the
+#: server (checked against the server's `loads` counter by the parent).
 NO_CACHE_BYTES = 1
 WARMUP_OPERATIONS = 20
 
@@ -42,7 +51,7 @@ def object_record(value):
             + pickle.dumps({"data": {"value": value}}, 3))
 
 
-# --- the two clients behind one small interface ----------------------------
+# --- the clients behind one small interface -------------------------------
 
 class RawSession:
     """The benchmark's operations over `RawClient`."""
@@ -63,14 +72,17 @@ class RawSession:
         self.client.close()
 
 
-class ZEOClientSession:
-    """The benchmark's operations over the real `ZEO.ClientStorage`."""
+class StorageSession:
+    """The benchmark's operations over a `ClientStorage` class.
 
-    def __init__(self, address, cache_size):
-        from ZEO.ClientStorage import ClientStorage
+    The real ZEO client and ours are driven by exactly the same storage
+    API calls, so their lines differ in the client and nothing else.
+    """
+
+    def __init__(self, storage_class, address, cache_size):
         from ZODB.Connection import TransactionMetaData
         self._metadata = TransactionMetaData
-        self.storage = ClientStorage(
+        self.storage = storage_class(
             address, cache_size=cache_size, wait_timeout=60)
 
     def load(self, oid):
@@ -94,8 +106,10 @@ class ZEOClientSession:
 def open_session(client, address, workload):
     if client == RAW:
         return RawSession(address)
+    storage_class = importlib.import_module(
+        CLIENT_MODULES[client]).ClientStorage
     cache_size = NO_CACHE_BYTES if workload == LOAD else 20 * 1024 * 1024
-    return ZEOClientSession(address, cache_size)
+    return StorageSession(storage_class, address, cache_size)
 
 
 # --- the workloads ---------------------------------------------------------
@@ -141,17 +155,24 @@ WORKLOADS = {LOAD: LoadWorkload, COMMIT: CommitWorkload}
 
 
 def run_timed(workload, start_at, end_at):
-    """Run steps in [start_at, end_at); return the number completed."""
+    """Run steps in [start_at, end_at).
+
+    Returns the number of steps completed and the CPU seconds this worker
+    process spent on them: `time.process_time()` counts every thread of
+    the process (user + system), so a client's reader or event-loop thread
+    is charged to the client, which is the point of the figure.
+    """
     delay = start_at - time.monotonic()
     if delay > 0:
         time.sleep(delay)
     step = workload.step
     clock = time.monotonic
     completed = 0
+    cpu_started = time.process_time()
     while clock() < end_at:
         step()
         completed += 1
-    return completed
+    return completed, time.process_time() - cpu_started
 
 
 # --- the worker process ----------------------------------------------------
@@ -174,13 +195,19 @@ def worker_main(pipe):
                 pipe.send(("ready", None))
                 _, start_at, end_at = pipe.recv()
                 late = max(0.0, time.monotonic() - start_at)
-                completed = run_timed(workload, start_at, end_at)
+                completed, cpu = run_timed(workload, start_at, end_at)
             finally:
                 session.close()
             pipe.send(("done", {
                 "completed": completed,
                 "issued": completed + WARMUP_OPERATIONS,
                 "late": late,
+                "cpu": cpu,
+                # A thread a client leaves behind after close() would
+                # keep running in this worker, into later measurements.
+                "threads_left": sorted(
+                    thread.name for thread in threading.enumerate()
+                    if thread is not threading.main_thread()),
             }))
         except Exception:
             pipe.send(("error", traceback.format_exc()))
