@@ -14,9 +14,20 @@ Entries are evicted least recently used first once their sizes add up to
 more than the limit.  The cache is used by the connection's reader thread
 and by application threads, so every method takes the cache's lock.
 
-The interface is kept small (`load_before`, `store`, `invalidate`,
-`set_last_tid`, `last_tid`, `clear`) so a persistent variant can replace
-this one.
+These rules are written once, for two caches:
+
+* `RevisionIndex` maps `(oid, start)` to `(location, end)` in
+  least-recently-used order and keeps the size accounting; it knows which
+  revision answers a load, what storing and invalidating do to the current
+  revision, and which entry is evicted next.
+* `RevisionCache` is the interface (`load_before`, `store`, `invalidate`,
+  `forget`, `set_last_tid`, `last_tid`, `clear`, `len()`, `size`) around
+  an index, with the lock, the last tid and eviction.  Its subclasses only
+  say where the data lives and, if they keep a journal, what to record.
+
+`ClientCache`, here, keeps the data itself as the location; the persistent
+`zeo.client.cache_file.FileClientCache` keeps the place of a record in its
+file.
 """
 
 import collections
@@ -28,27 +39,156 @@ from ZODB.utils import p64, u64
 ENTRY_OVERHEAD = 100
 
 
-class ClientCache:
-    """An in-memory LRU cache of object revisions."""
+class RevisionIndex:
+    """`(oid, start) -> (location, end)`, least recently used first.
 
-    def __init__(self, size=20 * 2 ** 20):
-        self.limit = size
-        self._lock = threading.Lock()
-        self._entries = collections.OrderedDict()  # (oid, start): (data, end)
+    `data_size(location)` is the number of data bytes at a location; the
+    size charged for an entry is that plus `ENTRY_OVERHEAD`.  Not locked:
+    the cache that owns the index serializes its use.
+    """
+
+    def __init__(self, data_size):
+        self._data_size = data_size
+        self.clear()
+
+    def clear(self):
+        self._entries = collections.OrderedDict()  # key: [location, end]
         self._by_oid = {}  # oid -> set of start tids
         self._current = {}  # oid -> start tid of the current revision
-        self._size = 0
+        self.data_bytes = 0  # data bytes of all entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    @property
+    def size(self):
+        """Bytes charged for the entries held now."""
+        return self.data_bytes + len(self._entries) * ENTRY_OVERHEAD
+
+    def holds(self, oid):
+        """Whether some revision of `oid` is held."""
+        return oid in self._by_oid
+
+    def has_current(self, oid):
+        """Whether the current revision of `oid` is held."""
+        return oid in self._current
+
+    def find(self, oid, tid, last_tid):
+        """The key of the revision that answers a load of `oid` before
+        `tid`, given the last tid applied, or None."""
+        starts = self._by_oid.get(oid)
+        if not starts:
+            return None
+        current = self._current.get(oid)
+        if current is not None and current < tid and \
+                last_tid is not None and u64(tid) <= u64(last_tid) + 1:
+            return oid, current
+        for start in starts:
+            if start < tid and start != current:
+                end = self._entries[oid, start][1]
+                if tid <= end:
+                    return oid, start
+        return None
+
+    def get(self, key):
+        """`(location, end)` of an entry."""
+        location, end = self._entries[key]
+        return location, end
+
+    def touch(self, key):
+        """Make an entry the most recently used."""
+        self._entries.move_to_end(key)
+
+    def items(self):
+        """`(key, location, end)` of every entry, least recently used
+        first (a snapshot: the index may change while it is used)."""
+        return [(key, location, end)
+                for key, (location, end) in self._entries.items()]
+
+    def oldest(self):
+        """The key of the least recently used entry."""
+        return next(iter(self._entries))
+
+    def store(self, oid, start, end, location):
+        """Add (or replace) a revision; `end` None means it is current and
+        replaces the current revision held so far."""
+        key = (oid, start)
+        if end is None:
+            current = self._current.get(oid)
+            if current is not None and current != start:
+                self.remove((oid, current))
+            self._current[oid] = start
+        elif self._current.get(oid) == start:
+            del self._current[oid]
+        if key in self._entries:
+            self.remove(key, keep_current=end is None)
+        self._entries[key] = [location, end]
+        self._by_oid.setdefault(oid, set()).add(start)
+        self.data_bytes += self._data_size(location)
+
+    def relocate(self, key, location):
+        """The data of an entry moved (same size, same end)."""
+        self._entries[key][0] = location
+
+    def invalidate(self, oid, tid):
+        """Transaction `tid` changed `oid`: its current revision ends there
+        (or is dropped if it did not start before `tid`)."""
+        start = self._current.pop(oid, None)
+        if start is None:
+            return
+        if start >= tid:
+            self.remove((oid, start))
+        else:
+            self._entries[oid, start][1] = tid
+
+    def forget(self, oid):
+        """Drop every revision of `oid`."""
+        for start in list(self._by_oid.get(oid, ())):
+            self.remove((oid, start))
+
+    def remove(self, key, keep_current=False):
+        oid, start = key
+        location, _end = self._entries.pop(key)
+        self.data_bytes -= self._data_size(location)
+        starts = self._by_oid[oid]
+        starts.discard(start)
+        if not starts:
+            del self._by_oid[oid]
+        if not keep_current and self._current.get(oid) == start:
+            del self._current[oid]
+
+
+class RevisionCache:
+    """The cache interface around a `RevisionIndex`, bounded in bytes.
+
+    Subclasses say where data lives: `_place(oid, start, end, data)` keeps
+    the data of a store and returns its location, `_load(location)` gives
+    the data back (or None if it is found damaged: the entry is then
+    dropped), and `_data_size(location)` tells how many bytes it holds.
+    The other hooks do nothing here: `_journal(change, *fields)` is called
+    before the index applies a change ("invalidate", "remove", "forget" or
+    "last_tid"), `_after_change()` after a change, and `_clear_data()` when
+    the cache is cleared.
+    """
+
+    def __init__(self, size):
+        self.limit = size
+        self._lock = threading.Lock()
+        self._index = RevisionIndex(self._data_size)
         self._last_tid = None
 
     def __len__(self):
         with self._lock:
-            return len(self._entries)
+            return len(self._index)
 
     @property
     def size(self):
         """Bytes charged for the entries held now."""
         with self._lock:
-            return self._size
+            return self._index.size
 
     def last_tid(self):
         """The newest transaction applied to the cache, or None."""
@@ -62,93 +202,101 @@ class ClientCache:
         """
         with self._lock:
             if self._last_tid is None or tid > self._last_tid:
+                self._journal("last_tid", tid)
                 self._last_tid = tid
+                self._after_change()
 
     def load_before(self, oid, tid):
         """`(data, start, end)` of the revision current before `tid`, or
         None when the cache cannot answer."""
         with self._lock:
-            starts = self._by_oid.get(oid)
-            if not starts:
+            key = self._index.find(oid, tid, self._last_tid)
+            if key is None:
                 return None
-            current = self._current.get(oid)
-            if current is not None and current < tid and \
-                    self._last_tid is not None and \
-                    u64(tid) <= u64(self._last_tid) + 1:
-                return self._hit(oid, current)
-            for start in starts:
-                if start < tid and start != current:
-                    end = self._entries[oid, start][1]
-                    if tid <= end:
-                        return self._hit(oid, start)
-            return None
-
-    def _hit(self, oid, start):
-        key = (oid, start)
-        self._entries.move_to_end(key)
-        data, end = self._entries[key]
-        return data, start, end
+            location, end = self._index.get(key)
+            data = self._load(location)
+            if data is None:
+                self._drop(key)
+                self._after_change()
+                return None
+            self._index.touch(key)
+            return data, key[1], end
 
     def store(self, oid, start, end, data):
         """Remember a revision; `end` None means it is current."""
         with self._lock:
-            key = (oid, start)
-            if end is None:
-                current = self._current.get(oid)
-                if current is not None and current != start:
-                    self._remove((oid, current))
-                self._current[oid] = start
-            elif self._current.get(oid) == start:
-                del self._current[oid]
-            if key in self._entries:
-                self._remove(key, keep_current=end is None)
-            self._entries[key] = (data, end)
-            self._by_oid.setdefault(oid, set()).add(start)
-            self._size += len(data) + ENTRY_OVERHEAD
+            location = self._place(oid, start, end, data)
+            self._index.store(oid, start, end, location)
             self._evict()
+            self._after_change()
 
     def invalidate(self, oid, tid):
         """Transaction `tid` changed `oid`: its current revision ends there."""
         with self._lock:
-            start = self._current.pop(oid, None)
-            if start is None:
-                return
-            if start >= tid:
-                self._remove((oid, start))
-            else:
-                data, _end = self._entries[oid, start]
-                self._entries[oid, start] = (data, tid)
+            if self._index.has_current(oid):
+                self._journal("invalidate", oid, tid)
+                self._index.invalidate(oid, tid)
+                self._after_change()
 
     def forget(self, oid):
         """Drop every revision of `oid` (its state is uncertain)."""
         with self._lock:
-            for start in list(self._by_oid.get(oid, ())):
-                self._remove((oid, start))
+            if self._index.holds(oid):
+                self._journal("forget", oid)
+                self._index.forget(oid)
+                self._after_change()
 
     def clear(self):
         """Drop everything, including the last tid."""
         with self._lock:
-            self._entries.clear()
-            self._by_oid.clear()
-            self._current.clear()
-            self._size = 0
+            self._clear_data()
+            self._index.clear()
             self._last_tid = None
 
-    def _remove(self, key, keep_current=False):
-        oid, start = key
-        data, _end = self._entries.pop(key)
-        self._size -= len(data) + ENTRY_OVERHEAD
-        starts = self._by_oid[oid]
-        starts.discard(start)
-        if not starts:
-            del self._by_oid[oid]
-        if not keep_current and self._current.get(oid) == start:
-            del self._current[oid]
+    def _drop(self, key):
+        self._journal("remove", *key)
+        self._index.remove(key)
 
     def _evict(self):
-        while self._size > self.limit and self._entries:
-            key = next(iter(self._entries))
-            self._remove(key)
+        while self._index.size > self.limit and len(self._index):
+            self._drop(self._index.oldest())
+
+    # -- hooks ----------------------------------------------------------------
+
+    def _place(self, oid, start, end, data):
+        raise NotImplementedError
+
+    def _load(self, location):
+        raise NotImplementedError
+
+    def _data_size(self, location):
+        raise NotImplementedError
+
+    def _journal(self, change, *fields):
+        pass
+
+    def _after_change(self):
+        pass
+
+    def _clear_data(self):
+        pass
+
+
+class ClientCache(RevisionCache):
+    """An in-memory LRU cache of object revisions: the location of an
+    entry is its data."""
+
+    def __init__(self, size=20 * 2 ** 20):
+        super().__init__(size)
+
+    def _place(self, oid, start, end, data):
+        return data
+
+    def _load(self, location):
+        return location
+
+    def _data_size(self, location):
+        return len(location)
 
 
 def next_tid(tid):

@@ -21,14 +21,16 @@ with the CRC32 covering kind, length and payload.  The kinds are
 Every change appends its record with one write before the in-memory index
 is updated, so the file always holds the history of the cache up to some
 point; a process killed at any moment leaves a file whose longest valid
-prefix is a state the cache really was in.  Opening replays that prefix
-into an index `(oid, start) -> (record offset, record length, end)` and
-truncates the file at the first record that is torn or fails its CRC:
-records after a bad one are dropped too, because skipping one (an
-invalidation, say) could make an older record claim a revision is still
-current.  Loads find the record through the index (a dict lookup), read it
-back with one `pread` and check its CRC again, so damage that happens
-after opening is not returned as data either.
+prefix is a state the cache really was in.  The index and its rules are
+`ClientCache`'s (`zeo.client.cache.RevisionIndex` and `RevisionCache`),
+with `(record offset, record length)` as an entry's location instead of
+its data.  Opening replays the valid prefix into the index and truncates
+the file at the first record that is torn or fails its CRC: records after
+a bad one are dropped too, because skipping one (an invalidation, say)
+could make an older record claim a revision is still current.  Loads find
+the record through the index (a dict lookup), read it back with one
+`pread` and check its CRC again, so damage that happens after opening is
+not returned as data either.
 
 Records that no longer describe a live entry are garbage.  When garbage
 passes half the size limit, the live entries are copied, least recently
@@ -41,17 +43,15 @@ One process at a time may use a cache file: a `zc.lockfile` lock on
 ``<file>.lock`` is taken on open; a second opener gets `CacheFileLocked`.
 """
 
-import collections
 import logging
 import os
 import struct
-import threading
 import zlib
 
 import zc.lockfile
-from ZODB.utils import u64, z64
+from ZODB.utils import z64
 
-from zeo.client.cache import ENTRY_OVERHEAD
+from zeo.client.cache import RevisionCache
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ _FIXED_LENGTHS = {INVALIDATE: 16, REMOVE: 16, FORGET: 8, LAST_TID: 8}
 _STORE_HEAD = 24  # oid, start, end
 
 _HEADER = struct.Struct(">IcI")  # crc32, kind, payload length
+
+#: Bytes of a STORE record before its data.
+_RECORD_HEAD = _HEADER.size + _STORE_HEAD
+
+#: The record kind of each change `RevisionCache` journals.
+_JOURNAL_KINDS = {"invalidate": INVALIDATE, "remove": REMOVE,
+                  "forget": FORGET, "last_tid": LAST_TID}
 
 #: Garbage is compacted away once it exceeds this share of the limit...
 GARBAGE_RATIO = 0.5
@@ -97,7 +104,7 @@ def _crc_ok(record):
         memoryview(record)[4:])
 
 
-class FileClientCache:
+class FileClientCache(RevisionCache):
     """A client cache of object revisions, persistent in the file `path`.
 
     Same behaviour as `ClientCache` (see its module) for `load_before`,
@@ -108,9 +115,8 @@ class FileClientCache:
     """
 
     def __init__(self, path, size=20 * 2 ** 20):
+        super().__init__(size)
         self.path = path
-        self.limit = size
-        self._lock = threading.Lock()
         try:
             self._file_lock = zc.lockfile.LockFile(path + ".lock")
         except zc.lockfile.LockError:
@@ -125,8 +131,6 @@ class FileClientCache:
             raise
 
     def _open(self):
-        self._reset_index()
-        self._last_tid = None
         # A compaction interrupted before its rename leaves this behind.
         if os.path.exists(self._compaction_path()):
             os.remove(self._compaction_path())
@@ -138,14 +142,6 @@ class FileClientCache:
         except BaseException:
             os.close(self._fd)
             raise
-
-    def _reset_index(self):
-        # (oid, start) -> [record offset, record length, end], LRU first.
-        self._entries = collections.OrderedDict()
-        self._by_oid = {}  # oid -> set of start tids
-        self._current = {}  # oid -> start tid of the current revision
-        self._size = 0  # bytes charged, as ClientCache charges them
-        self._live = 0  # bytes of the records of live entries
 
     def _compaction_path(self):
         return self.path + ".tmp"
@@ -195,18 +191,20 @@ class FileClientCache:
         return None
 
     def _apply(self, kind, payload, offset, record_length):
+        """Replay one record into the index (the change is already in
+        the file: nothing is journaled)."""
         if kind == STORE:
             oid, start, end = payload[:8], payload[8:16], payload[16:24]
-            self._index_store(oid, start, None if end == z64 else end,
-                              offset, record_length)
+            self._index.store(oid, start, None if end == z64 else end,
+                              (offset, record_length))
         elif kind == INVALIDATE:
-            self._index_invalidate(payload[:8], payload[8:])
+            self._index.invalidate(payload[:8], payload[8:])
         elif kind == REMOVE:
             key = (payload[:8], payload[8:])
-            if key in self._entries:
-                self._index_remove(key)
+            if key in self._index:
+                self._index.remove(key)
         elif kind == FORGET:
-            self._index_forget(payload)
+            self._index.forget(payload)
         else:
             self._last_tid = bytes(payload)
 
@@ -219,100 +217,36 @@ class FileClientCache:
         self._write_at(0, MAGIC)
         return len(MAGIC)
 
-    # -- the ClientCache interface -------------------------------------------
+    # -- where the data lives (the RevisionCache hooks) -----------------------
 
-    def __len__(self):
-        with self._lock:
-            return len(self._entries)
+    def _place(self, oid, start, end, data):
+        """Append a STORE record; its location is `(offset, length)`."""
+        offset = self._append(STORE, b"".join((oid, start, end or z64, data)))
+        return offset, _RECORD_HEAD + len(data)
 
-    @property
-    def size(self):
-        """Bytes charged for the entries held now."""
-        with self._lock:
-            return self._size
-
-    def last_tid(self):
-        """The newest transaction applied to the cache, or None."""
-        with self._lock:
-            return self._last_tid
-
-    def set_last_tid(self, tid):
-        """Record that every invalidation up to `tid` has been applied.
-
-        The last tid never goes backwards: a smaller value is ignored.
-        """
-        with self._lock:
-            if self._last_tid is None or tid > self._last_tid:
-                self._append(LAST_TID, tid)
-                self._last_tid = tid
-                self._maybe_compact()
-
-    def load_before(self, oid, tid):
-        """`(data, start, end)` of the revision current before `tid`, or
-        None when the cache cannot answer."""
-        with self._lock:
-            starts = self._by_oid.get(oid)
-            if not starts:
-                return None
-            current = self._current.get(oid)
-            if current is not None and current < tid and \
-                    self._last_tid is not None and \
-                    u64(tid) <= u64(self._last_tid) + 1:
-                return self._hit(oid, current)
-            for start in starts:
-                if start < tid and start != current:
-                    end = self._entries[oid, start][2]
-                    if tid <= end:
-                        return self._hit(oid, start)
-            return None
-
-    def _hit(self, oid, start):
-        key = (oid, start)
-        offset, length, end = self._entries[key]
+    def _load(self, location):
+        """The data of the STORE record at `location`, or None (logged) if
+        the record is damaged."""
+        offset, length = location
         record = self._read_at(offset, length)
         if len(record) != length or not _crc_ok(record):
             logger.warning("client cache %s: record at offset %d is "
                            "damaged; dropping it", self.path, offset)
-            self._append(REMOVE, oid + start)
-            self._index_remove(key)
-            self._maybe_compact()
             return None
-        self._entries.move_to_end(key)
-        return record[_HEADER.size + _STORE_HEAD:], start, end
+        return record[_RECORD_HEAD:]
 
-    def store(self, oid, start, end, data):
-        """Remember a revision; `end` None means it is current."""
-        with self._lock:
-            offset = self._append(
-                STORE, b"".join((oid, start, end or z64, data)))
-            self._index_store(oid, start, end, offset,
-                              _HEADER.size + _STORE_HEAD + len(data))
-            self._evict()
-            self._maybe_compact()
+    def _data_size(self, location):
+        return location[1] - _RECORD_HEAD
 
-    def invalidate(self, oid, tid):
-        """Transaction `tid` changed `oid`: its current revision ends there."""
-        with self._lock:
-            if oid in self._current:
-                self._append(INVALIDATE, oid + tid)
-                self._index_invalidate(oid, tid)
-                self._maybe_compact()
+    def _journal(self, change, *fields):
+        self._append(_JOURNAL_KINDS[change], b"".join(fields))
 
-    def forget(self, oid):
-        """Drop every revision of `oid` (its state is uncertain)."""
-        with self._lock:
-            if oid in self._by_oid:
-                self._append(FORGET, oid)
-                self._index_forget(oid)
-                self._maybe_compact()
+    def _after_change(self):
+        self._maybe_compact()
 
-    def clear(self):
-        """Drop everything, including the last tid."""
-        with self._lock:
-            os.ftruncate(self._fd, len(MAGIC))
-            self._end = len(MAGIC)
-            self._reset_index()
-            self._last_tid = None
+    def _clear_data(self):
+        os.ftruncate(self._fd, len(MAGIC))
+        self._end = len(MAGIC)
 
     def close(self):
         """Release the file and its lock.  The contents stay on disk for
@@ -322,59 +256,8 @@ class FileClientCache:
                 return
             os.close(self._fd)
             self._fd = None
-            self._reset_index()
+            self._index.clear()
             self._file_lock.close()
-
-    # -- the index (the same rules as ClientCache) ----------------------------
-
-    def _index_store(self, oid, start, end, offset, record_length):
-        key = (oid, start)
-        if end is None:
-            current = self._current.get(oid)
-            if current is not None and current != start:
-                self._index_remove((oid, current))
-            self._current[oid] = start
-        elif self._current.get(oid) == start:
-            del self._current[oid]
-        if key in self._entries:
-            self._index_remove(key, keep_current=end is None)
-        self._entries[key] = [offset, record_length, end]
-        self._by_oid.setdefault(oid, set()).add(start)
-        self._size += record_length - _HEADER.size - _STORE_HEAD + \
-            ENTRY_OVERHEAD
-        self._live += record_length
-
-    def _index_invalidate(self, oid, tid):
-        start = self._current.pop(oid, None)
-        if start is None:
-            return
-        if start >= tid:
-            self._index_remove((oid, start))
-        else:
-            self._entries[oid, start][2] = tid
-
-    def _index_forget(self, oid):
-        for start in list(self._by_oid.get(oid, ())):
-            self._index_remove((oid, start))
-
-    def _index_remove(self, key, keep_current=False):
-        oid, start = key
-        _offset, record_length, _end = self._entries.pop(key)
-        self._size -= record_length - _HEADER.size - _STORE_HEAD + \
-            ENTRY_OVERHEAD
-        self._live -= record_length
-        starts = self._by_oid[oid]
-        starts.discard(start)
-        if not starts:
-            del self._by_oid[oid]
-        if not keep_current and self._current.get(oid) == start:
-            del self._current[oid]
-
-    def _evict(self):
-        while self._size > self.limit and self._entries:
-            key = next(iter(self._entries))
-            self._append(REMOVE, key[0] + key[1])
-            self._index_remove(key)
 
     # -- the file -------------------------------------------------------------
 
@@ -398,7 +281,8 @@ class FileClientCache:
 
     def garbage(self):
         """Bytes of the file that no longer describe a live entry."""
-        return self._end - len(MAGIC) - self._live
+        live = self._index.data_bytes + len(self._index) * _RECORD_HEAD
+        return self._end - len(MAGIC) - live
 
     def _maybe_compact(self):
         if self.garbage() > max(self.limit * GARBAGE_RATIO, MIN_GARBAGE):
@@ -430,12 +314,12 @@ class FileClientCache:
             raise
         os.close(self._fd)
         self._fd = new_fd
-        for key, (offset, length) in moved.items():
-            self._entries[key][:2] = [offset, length]
+        for key, location in moved.items():
+            self._index.relocate(key, location)
         self._end = os.fstat(new_fd).st_size
 
     def _copy_live_entries(self, new_fd):
-        """Write the live entries to `new_fd`; return their new places.
+        """Write the live entries to `new_fd`; return their new locations.
 
         An entry whose record is found damaged is left out (and dropped
         from the index): the copy must not turn bad data into good.
@@ -444,19 +328,16 @@ class FileClientCache:
         with open(new_fd, "wb", closefd=False) as out:
             out.write(MAGIC)
             offset = len(MAGIC)
-            for key, (old_offset, length, end) in list(self._entries.items()):
-                record = self._read_at(old_offset, length)
-                if len(record) != length or not _crc_ok(record):
-                    logger.warning(
-                        "client cache %s: record at offset %d is damaged; "
-                        "dropping it", self.path, old_offset)
-                    self._index_remove(key)
+            for key, location, end in self._index.items():
+                data = self._load(location)
+                if data is None:
+                    self._index.remove(key)
                     continue
-                out.write(_record(STORE, b"".join(
-                    (key[0], key[1], end or z64,
-                     record[_HEADER.size + _STORE_HEAD:]))))
-                moved[key] = (offset, length)
-                offset += length
+                record = _record(STORE, b"".join(
+                    (key[0], key[1], end or z64, data)))
+                out.write(record)
+                moved[key] = (offset, len(record))
+                offset += len(record)
             if self._last_tid is not None:
                 out.write(_record(LAST_TID, self._last_tid))
         return moved
