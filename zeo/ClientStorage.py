@@ -236,7 +236,9 @@ class ClientStorage(ConflictResolvingStorage):
             cached = self._cache.load_before(oid, next_tid(last))
             if cached is not None:
                 return cached[:2]
-        result = self.loadBefore(oid, maxtid)
+        # No cached revision answers maxtid: ask the server directly.
+        result = self._link.connection.load_before(
+            oid, maxtid, apply=self._loaded(oid)).wait()
         if result is None:
             raise POSKeyError(oid)
         return result[:2]

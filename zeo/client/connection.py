@@ -31,34 +31,44 @@ from zeo.client.errors import rebuild_exception
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+#: One-way calls held back for the next send, at most this many bytes
+#: (a large upload goes out as it is produced).
+_HOLD_LIMIT = 256 * 1024
 
 #: One-way calls a server may make on a client (PROTOCOL.md 7).
 SERVER_CALLS = ("invalidateTransaction", "info")
 
 
 class Waiter:
-    """One outstanding two-way call, woken exactly once by the reader."""
+    """One outstanding two-way call, woken exactly once by the reader.
+
+    Several threads may wait on one waiter (concurrent loads of the same
+    revision share a request): each passes the released lock on to the
+    next.  A plain lock costs less than an Event on every call.
+    """
 
     __slots__ = ("method", "apply", "_done", "result", "error")
 
     def __init__(self, method, apply=None):
         self.method = method
         self.apply = apply
-        self._done = threading.Event()
+        self._done = threading.Lock()
+        self._done.acquire()
         self.result = None
         self.error = None
 
     def finish(self, result=None, error=None):
         self.result = result
         self.error = error
-        self._done.set()
+        self._done.release()
 
     def wait(self, timeout=None):
         """The call's result; its error is raised.  ClientDisconnected if
         no reply came within `timeout` seconds (None: no limit)."""
-        if not self._done.wait(timeout):
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
             raise ClientDisconnected("no reply to %s within %s seconds"
                                      % (self.method, timeout))
+        self._done.release()
         if self.error is not None:
             raise self.error
         return self.result
@@ -138,6 +148,8 @@ class Connection:
         self._state_lock = threading.Lock()  # waiters, msgids, closed
         self._dispatch_lock = threading.Lock()  # wire order vs release()
         self._waiters = {}
+        self._held_frames = []  # one-way calls waiting for the next send
+        self._held_bytes = 0
         self._next_msgid = 1
         self._closed = False
         self._close_reason = "closed by the server"
@@ -210,20 +222,33 @@ class Connection:
 
     def oneway(self, method, *args):
         """A one-way call: no reply; a failure on the server closes the
-        connection."""
-        self._send(0, wire.ONEWAY, method, args)
+        connection.
+
+        It leaves with the next two-way call (or heartbeat), in the same
+        send: a commit's tpc_begin and stores then travel with its vote.
+        Nothing waits on a one-way call, and the server runs it before
+        anything sent after it, so only the number of sends changes.
+        """
+        self._send(0, wire.ONEWAY, method, args, hold=True)
 
     def heartbeat(self):
         """The idle heartbeat `(-1, 0, '.reply', None)` (PROTOCOL.md 3.8)."""
         self._send(wire.HEARTBEAT_MSGID, wire.REPLY, wire.REPLY_NAME, None)
 
-    def _send(self, msgid, flag, method, args):
+    def _send(self, msgid, flag, method, args, hold=False):
         data = wire.frame(self._codec.encode(msgid, flag, method, args))
         with self._send_lock:
             if self._closed:
                 raise ClientDisconnected("not connected to %s" % self.label)
+            held = self._held_frames
+            held.append(data)
+            self._held_bytes += len(data)
+            if hold and self._held_bytes < _HOLD_LIMIT:
+                return
+            self._held_frames, self._held_bytes = [], 0
             try:
-                self._sock.sendall(data)
+                self._sock.sendall(b"".join(held) if len(held) > 1
+                                   else data)
             except OSError as error:
                 self._shutdown()
                 raise ClientDisconnected("connection to %s lost: %s"

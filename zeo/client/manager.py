@@ -251,9 +251,9 @@ class ConnectionManager:
                                              True, timeout=CONNECT_TIMEOUT)
             verified_tid = self._client.verify(connection, server_tid)
             connection.release(verified_tid)
-            info = connection.call("get_info", timeout=CONNECT_TIMEOUT)
-            if self.client_label:
+            if self.client_label:  # leaves with get_info, just below
                 connection.oneway("set_client_label", self.client_label)
+            info = connection.call("get_info", timeout=CONNECT_TIMEOUT)
             with self._lock:
                 if self._closed.is_set():
                     raise ClientDisconnected("client closed while connecting")
