@@ -227,7 +227,7 @@ class ConnectionManager:
         return True
 
     def _register(self, connection, writable_only):
-        """Register, verify, get_info, label; then publish `connection`.
+        """Register, verify, label, get_info; then publish `connection`.
 
         The server must answer each step within CONNECT_TIMEOUT seconds.
         A read-only connection this replaces is closed once the new one
