@@ -7,6 +7,7 @@ client sends.
 """
 
 import logging
+import threading
 import time
 
 import pytest
@@ -258,3 +259,28 @@ def test_expected_errors_are_not_logged_as_errors(start, caplog):
               if record.levelno >= logging.WARNING]
     assert errors == []
     assert status(server)["conflicts"] == 1
+
+
+def test_one_pack_at_a_time(start):
+    server = start()
+    client, other = connect(server), connect(server)
+    commit(client, 1, [(z64, z64, 1)])
+    storage = server.storages["1"].storage
+    packing = threading.Event()
+    may_finish = threading.Event()
+    real_pack = storage.pack
+
+    def slow_pack(t, referencesf):
+        packing.set()
+        assert may_finish.wait(10)
+        return real_pack(t, referencesf)
+
+    storage.pack = slow_pack
+    client.send_message(40, False, "pack", (time.time(), 1))
+    assert packing.wait(10)
+    with pytest.raises(RemoteError) as busy:
+        other.call("pack", time.time(), 1)
+    assert "already being packed" in busy.value.payload[0]
+    may_finish.set()
+    assert client.wait_reply(40, 10) is None
+    assert other.call("pack", time.time(), 1) is None

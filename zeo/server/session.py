@@ -393,17 +393,23 @@ class Session:
     # -- pack -------------------------------------------------------------------
 
     def pack(self, t, wait=1):
+        served = self.served
+        if not served.packing.acquire(blocking=False):
+            raise ValueError("storage %s is already being packed"
+                             % served.name)
         msgid = self.current_msgid
         self.server.start_worker(
-            "pack-%s" % self.served.name,
+            "pack-%s" % served.name,
             functools.partial(self._pack, t, msgid if wait else None))
         if wait:
             return DEFERRED
         return None
 
     def _pack(self, t, msgid):
+        """The pack worker: one per storage at a time (`packing` is held
+        from `pack` until this ends)."""
         served = self.served
-        self.log("pack(%r) started", t)
+        self.log("pack(%s) started", short_repr(t))
         try:
             served.storage.pack(t, referencesf)
         except Exception as error:
@@ -411,7 +417,9 @@ class Session:
             if msgid is not None:
                 self.channel.reply(msgid, Reply(error=error))
             return
-        self.log("pack(%r) done", t)
+        finally:
+            served.packing.release()
+        self.log("pack(%s) done", short_repr(t))
         served.forget_size_info()
         served.broadcast("info", served.size_info())
         if msgid is not None:

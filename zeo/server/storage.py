@@ -134,6 +134,8 @@ class ServedStorage:
             storage.tryToResolveConflict = never_resolve
         self.stats = Statistics()
         self.commit_lock = CommitLock()
+        #: Held while a pack runs: one pack per storage at a time.
+        self.packing = threading.Lock()
         self.publication = threading.RLock()
         if isinstance(storage, THREAD_SAFE_STORAGES):
             self.access = contextlib.nullcontext()
