@@ -284,3 +284,35 @@ def test_one_pack_at_a_time(start):
     may_finish.set()
     assert client.wait_reply(40, 10) is None
     assert other.call("pack", time.time(), 1) is None
+
+
+def test_extension_values_clients_cannot_decode_are_sent_as_text(tmp_path):
+    """A datetime written into Data.fs by a local user reaches clients as
+    its repr in undoLog and the iterator, instead of breaking the reply."""
+    import datetime
+    import transaction
+    import ZODB
+    when = datetime.datetime(2026, 11, 24, 12, 0)
+    db = ZODB.DB(str(tmp_path / "Data.fs"))
+    with db.transaction() as conn:
+        conn.root()["x"] = 1
+        conn.transaction_manager.get().setExtendedInfo("when", when)
+    db.close()
+    transaction.abort()
+    storage = FileStorage(str(tmp_path / "Data.fs"))
+    server = StorageServer(("127.0.0.1", 0), {"1": storage})
+    server.start()
+    try:
+        client = connect(server)
+        described = client.call("undoLog", 0, 10)
+        assert described[0]["when"] == repr(when)
+        iid = client.call("iterator_start", None, None)
+        extensions = []
+        while True:
+            item = client.call("iterator_next", iid)
+            if item is None:
+                break
+            extensions.append(item[4])
+        assert {"when": repr(when)} in extensions
+    finally:
+        server.close()

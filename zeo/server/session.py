@@ -19,7 +19,7 @@ from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
 from ZODB.serialize import referencesf
 
 from zeo.server.commit import Buffering, Voted
-from zeo.wire import short_repr
+from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -211,13 +211,13 @@ class Session:
         if not self._supports_undo():
             return ()
         with self.served.access:
-            return self.served.storage.undoLog(first, last)
+            return _readable(self.served.storage.undoLog(first, last))
 
     def undoInfo(self, first, last, spec):
         if not self._supports_undo():
             return ()
         with self.served.access:
-            return self.served.storage.undoInfo(first, last, spec)
+            return _readable(self.served.storage.undoInfo(first, last, spec))
 
     def _supports_undo(self):
         supports_undo = getattr(self.served.storage, "supportsUndo", None)
@@ -449,7 +449,7 @@ class Session:
             return None
         self._last_transaction_seen[iid] = info
         return (info.tid, info.status, info.user, info.description,
-                info.extension)
+                _readable_values(info.extension))
 
     def iterator_record_start(self, txn_iid, tid):
         info = self._last_transaction_seen[txn_iid]
@@ -542,3 +542,21 @@ class Session:
                      level=logging.DEBUG)
         else:
             self.log("%s raised", method, level=logging.ERROR, exc_info=error)
+
+
+def _readable(descriptions):
+    """Undo descriptions every client can decode.
+
+    A transaction extension written by other means (a local FileStorage
+    user, an old server) may hold objects such as datetimes.  ZEO clients
+    refuse to unpickle those and would lose the whole reply, so such
+    values are sent as their repr.
+    """
+    return [_readable_values(description) for description in descriptions]
+
+
+def _readable_values(mapping):
+    if is_plain(mapping):
+        return mapping
+    return {key: value if is_plain(value) else repr(value)
+            for key, value in mapping.items()}
