@@ -11,7 +11,6 @@ to the current phase is refused by construction.
 """
 
 import logging
-import os
 import pickle
 import tempfile
 
@@ -82,7 +81,6 @@ class Buffering:
         self.tid = tid
         self.status = status
         self.log = TransactionLog()
-        self.blob_files = []
         self.voting = False  # parked for the commit lock or voting
         self.refused = None  # why this transaction can never commit
 
@@ -90,12 +88,6 @@ class Buffering:
         if self.voting:
             raise StorageTransactionError("Already voting")
         self.log.append(operation, *args)
-
-    def add_blob(self, oid, serial, data, filename):
-        if self.voting:
-            raise StorageTransactionError("Already voting")
-        self.blob_files.append(filename)
-        self.log.append("storeBlob", oid, serial, data, filename)
 
     def vote(self, served, conflict_resolution_by_client):
         """Replay the log into the storage and vote.  Needs the commit lock.
@@ -164,9 +156,6 @@ class Buffering:
 
     def close(self):
         self.log.close()
-        for filename in self.blob_files:
-            _remove_quietly(filename)
-        self.blob_files = []
 
 
 class Voted:
@@ -204,20 +193,8 @@ def _unique(oids):
     return [oid for oid in oids if not (oid in seen or seen.add(oid))]
 
 
-def _remove_quietly(filename):
-    try:
-        os.remove(filename)
-    except OSError:
-        pass
-
-
 def _store(storage, txn, oid, serial, data):
     storage.store(oid, serial, data, "", txn)
-    return (oid,)
-
-
-def _store_blob(storage, txn, oid, serial, data, filename):
-    storage.storeBlob(oid, serial, data, filename, "", txn)
     return (oid,)
 
 
@@ -240,10 +217,9 @@ def _undo(storage, txn, undo_id):
 
 _REPLAY = {
     "store": _store,
-    "storeBlob": _store_blob,
     "delete": _delete,
     "checkread": _check_read,
     "restore": _restore,
     "undo": _undo,
 }
-_STORES = ("store", "storeBlob")
+_STORES = ("store",)
