@@ -19,6 +19,10 @@ compared with what the clients did, which proves that the loads really
 reached the server (no client cache in the way) and that every commit
 committed.
 
+A last section (`persistent_cache.py`) times the pairs with persistent
+client caches: a fresh client's start-up after a server restart, and warm
+cached reads.
+
 See bench/README.md for how to read the output.
 """
 
@@ -41,6 +45,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
+import persistent_cache  # noqa: E402
 import server_process  # noqa: E402
 from raw_client import Z64, RawClient, RawServerError  # noqa: E402
 from workloads import (  # noqa: E402
@@ -104,10 +109,22 @@ def parse_arguments(argv):
         "--ours-is-zeo", action="store_true",
         help="stand-in mode: run the real ZEO server and client in the "
              "'ours' columns too (every ratio should then be about 1)")
+    parser.add_argument(
+        "--restarts", type=int,
+        help="passes of the persistent-cache measurements (server restart "
+             "+ warm reads; default 3, quick 1)")
+    parser.add_argument(
+        "--cache-objects", type=int,
+        help="objects in the persistent-cache measurements' storage and "
+             "client cache (default 10000, quick 2000)")
     options = parser.parse_args(argv)
     defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
     for name, default in zip(("repetitions", "duration", "objects"),
                              defaults):
+        if getattr(options, name) is None:
+            setattr(options, name, default)
+    cache_defaults = (1, 2000) if options.quick else (3, 10000)
+    for name, default in zip(("restarts", "cache_objects"), cache_defaults):
         if getattr(options, name) is None:
             setattr(options, name, default)
     return options
@@ -380,6 +397,8 @@ def run(options):
                     results[group][cell].append(
                         measure(group, cell, options, template, pool,
                                 scratch))
+        cache_results = persistent_cache.measure_all(
+            options, scratch, client_kind)
     finally:
         pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -425,8 +444,14 @@ def run(options):
         results, CLIENT_COMPARISONS, "compared",
         lambda m: m.client_cpu_per_operation, "us/op", "%.1f")))
     print()
+    persistent_cache.print_report(cache_results, options)
+    print()
     print("whole run: %.0fs" % (time.monotonic() - started))
-    return report_problems(results)
+    status = report_problems(results)
+    if persistent_cache.report_problems(cache_results, log_problems,
+                                        without_timestamp):
+        status = 1
+    return status
 
 
 def report_problems(results):
