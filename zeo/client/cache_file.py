@@ -99,6 +99,25 @@ def _record(kind, payload):
     return _HEADER.pack(crc, kind, len(payload)) + payload
 
 
+def _check_record(view, offset, end):
+    """`(problem, kind, payload length)` of the record at `offset`;
+    `problem` is None for a whole record with a matching checksum."""
+    if end - offset < _HEADER.size:
+        return "torn record header", None, 0
+    crc, kind, length = _HEADER.unpack_from(view, offset)
+    if kind == STORE:
+        if length < _STORE_HEAD:
+            return "bad record length", kind, length
+    elif _FIXED_LENGTHS.get(kind) != length:
+        return "bad record kind or length", kind, length
+    record_end = offset + _HEADER.size + length
+    if record_end > end:
+        return "torn record", kind, length
+    if zlib.crc32(view[offset + 4:record_end]) != crc:
+        return "checksum mismatch", kind, length
+    return None, kind, length
+
+
 def _crc_ok(record):
     return _HEADER.unpack_from(record)[0] == zlib.crc32(
         memoryview(record)[4:])
@@ -150,45 +169,33 @@ class FileClientCache(RevisionCache):
 
     def _replay(self):
         """Rebuild the index from the file; return the end of its valid
-        prefix, having truncated the file there."""
-        with open(self.path, "rb", closefd=True) as log:
-            magic = log.read(len(MAGIC))
-            if magic != MAGIC:
-                return self._restart_file(
-                    magic and "is not a cache file (bad header)")
-            offset = len(MAGIC)
-            while True:
-                record = log.read(_HEADER.size)
-                if not record:
-                    return offset
-                problem = self._replay_record(log, record, offset)
-                if problem:
-                    logger.warning(
-                        "client cache %s: %s at offset %d; dropping the "
-                        "rest of the file (%d bytes)", self.path, problem,
-                        offset, os.fstat(self._fd).st_size - offset)
-                    os.ftruncate(self._fd, offset)
-                    return offset
-                offset += len(record) + _HEADER.unpack(record)[2]
+        prefix, having truncated the file there.
 
-    def _replay_record(self, log, header, offset):
-        """Apply one record read at `offset`; a description of what is
-        wrong with it instead, if anything."""
-        if len(header) < _HEADER.size:
-            return "torn record header"
-        _crc, kind, length = _HEADER.unpack(header)
-        if kind == STORE:
-            if length < _STORE_HEAD:
-                return "bad record length"
-        elif _FIXED_LENGTHS.get(kind) != length:
-            return "bad record kind or length"
-        payload = log.read(length)
-        if len(payload) < length:
-            return "torn record"
-        if not _crc_ok(header + payload):
-            return "checksum mismatch"
-        self._apply(kind, payload, offset, len(header) + length)
-        return None
+        The file is read in one piece and parsed in place: at start-up a
+        cache of ten thousand objects is ten thousand records, and per
+        record reads would cost more than the index itself.
+        """
+        with open(self.path, "rb", closefd=True) as log:
+            content = log.read()
+        if content[:len(MAGIC)] != MAGIC:
+            return self._restart_file(
+                content and "is not a cache file (bad header)")
+        view = memoryview(content)
+        offset, end = len(MAGIC), len(content)
+        while offset < end:
+            problem, kind, length = _check_record(view, offset, end)
+            if problem:
+                logger.warning(
+                    "client cache %s: %s at offset %d; dropping the rest of "
+                    "the file (%d bytes)", self.path, problem, offset,
+                    end - offset)
+                os.ftruncate(self._fd, offset)
+                return offset
+            body = offset + _HEADER.size
+            self._apply(kind, content[body:body + length], offset,
+                        _HEADER.size + length)
+            offset = body + length
+        return offset
 
     def _apply(self, kind, payload, offset, record_length):
         """Replay one record into the index (the change is already in
