@@ -123,10 +123,15 @@ class RevisionIndex:
             self._current[oid] = start
         elif self._current.get(oid) == start:
             del self._current[oid]
-        if key in self._entries:
+        entries = self._entries
+        if key in entries:
             self.remove(key, keep_current=end is None)
-        self._entries[key] = [location, end]
-        self._by_oid.setdefault(oid, set()).add(start)
+        entries[key] = [location, end]
+        starts = self._by_oid.get(oid)
+        if starts is None:
+            self._by_oid[oid] = {start}
+        else:
+            starts.add(start)
         self.data_bytes += self._data_size(location)
 
     def relocate(self, key, location):
