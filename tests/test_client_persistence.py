@@ -311,7 +311,6 @@ def test_restarted_client_process_loads_from_its_cache_file(
 WORKER = textwrap.dedent("""
     import json, random, sys
     from ZODB.Connection import TransactionMetaData
-from ZODB.FileStorage import FileStorage
     from ZODB.POSException import ConflictError
     from zeo.ClientStorage import ClientStorage
 

@@ -521,8 +521,10 @@ class ServerRunner:
             if isinstance(address, str):
                 prepare_unix_socket(address)
         self._open_storages()
-        self._server = self._create_server()
+        # Before the port opens: whoever sees the server answer can count
+        # on the pid file (it is removed again if binding fails).
         self._write_pid_file()
+        self._server = self._create_server()
         serving = threading.Thread(
             target=self._serve, name="zeo-serve-forever", daemon=True)
         serving.start()
