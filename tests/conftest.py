@@ -15,6 +15,18 @@ import time
 import pytest
 import ZODB
 from ZEO.ClientStorage import ClientStorage
+from ZODB.tests import BasicStorage
+from ZODB.tests import ConflictResolution
+from ZODB.tests import HistoryStorage
+from ZODB.tests import IteratorStorage
+from ZODB.tests import MTStorage
+from ZODB.tests import PackableStorage
+from ZODB.tests import PersistentStorage
+from ZODB.tests import ReadOnlyStorage
+from ZODB.tests import RevisionStorage
+from ZODB.tests import StorageTestBase
+from ZODB.tests import Synchronization
+from ZODB.tests import TransactionalUndoStorage
 
 from server_process import THEIRS
 from server_process import impl_from_environment
@@ -29,6 +41,57 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Upper bound for a ClientStorage to connect, or for a call to answer.
 CLIENT_TIMEOUT = 10
+
+#: Upper bound for a client to notice a lost server or to reconnect.
+RECONNECT_TIMEOUT = 20
+
+#: ZODB's storage conformance suites, as composed for every client/server
+#: pairing (StorageTestBase first: it is the TestCase they extend).
+STORAGE_CONFORMANCE_MIXINS = (
+    StorageTestBase.StorageTestBase,
+    BasicStorage.BasicStorage,
+    Synchronization.SynchronizedStorage,
+    ConflictResolution.ConflictResolvingStorage,
+    ConflictResolution.ConflictResolvingTransUndoStorage,
+    TransactionalUndoStorage.TransactionalUndoStorage,
+    PackableStorage.PackableStorage,
+    PackableStorage.PackableUndoStorage,
+    IteratorStorage.IteratorStorage,
+    IteratorStorage.ExtendedIteratorStorage,
+    HistoryStorage.HistoryStorage,
+    RevisionStorage.RevisionStorage,
+    MTStorage.MTStorage,
+    ReadOnlyStorage.ReadOnlyStorage,
+    PersistentStorage.PersistentStorage,
+)
+
+
+def wait_until(predicate, what, timeout=RECONNECT_TIMEOUT):
+    """Poll `predicate` every 50 ms; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %ss waiting until %s"
+                        % (timeout, what))
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def clients():
+    """Factory opening OUR ClientStorages (``wait_timeout`` CLIENT_TIMEOUT
+    unless given); all closed after the test."""
+    from zeo.ClientStorage import ClientStorage as OurClientStorage
+    opened = []
+
+    def open_(address, **options):
+        options.setdefault("wait_timeout", CLIENT_TIMEOUT)
+        storage = OurClientStorage(address, **options)
+        opened.append(storage)
+        return storage
+
+    yield open_
+    for storage in opened:
+        storage.close()
 
 
 def pytest_configure(config):

@@ -41,22 +41,6 @@ from zeo.client.connection import Connection
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def clients():
-    """Factory opening our ClientStorages; closed after the test."""
-    opened = []
-
-    def open_(address, **options):
-        options.setdefault("wait_timeout", CLIENT_TIMEOUT)
-        storage = ClientStorage(address, **options)
-        opened.append(storage)
-        return storage
-
-    yield open_
-    for storage in opened:
-        storage.close()
-
-
 # -- a scripted server --------------------------------------------------------
 
 class ScriptedServer:

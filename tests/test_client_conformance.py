@@ -21,22 +21,12 @@ import unittest
 import pytest
 import ZODB
 import ZODB.tests.util
-from ZODB.tests import BasicStorage
-from ZODB.tests import ConflictResolution
-from ZODB.tests import HistoryStorage
-from ZODB.tests import IteratorStorage
-from ZODB.tests import MTStorage
 from ZODB.tests import PackableStorage
-from ZODB.tests import PersistentStorage
-from ZODB.tests import ReadOnlyStorage
 from ZODB.tests import RecoveryStorage
-from ZODB.tests import RevisionStorage
-from ZODB.tests import StorageTestBase
-from ZODB.tests import Synchronization
-from ZODB.tests import TransactionalUndoStorage
 from ZODB.tests import testZODB
 
-from conftest import CLIENT_TIMEOUT, filestorage_section, server_environment
+from conftest import CLIENT_TIMEOUT, STORAGE_CONFORMANCE_MIXINS
+from conftest import filestorage_section, server_environment
 from server_process import OURS, THEIRS, start_configured_server
 from zeo.ClientStorage import ClientStorage
 
@@ -94,23 +84,8 @@ def storage_pool(request, tmp_path_factory):
     assert statuses == [0] * len(statuses), "server exit statuses"
 
 
-class ClientStorageConformance(
-        StorageTestBase.StorageTestBase,
-        BasicStorage.BasicStorage,
-        Synchronization.SynchronizedStorage,
-        ConflictResolution.ConflictResolvingStorage,
-        ConflictResolution.ConflictResolvingTransUndoStorage,
-        TransactionalUndoStorage.TransactionalUndoStorage,
-        PackableStorage.PackableStorage,
-        PackableStorage.PackableUndoStorage,
-        IteratorStorage.IteratorStorage,
-        IteratorStorage.ExtendedIteratorStorage,
-        HistoryStorage.HistoryStorage,
-        RevisionStorage.RevisionStorage,
-        MTStorage.MTStorage,
-        ReadOnlyStorage.ReadOnlyStorage,
-        PersistentStorage.PersistentStorage,
-        RecoveryStorage.RecoveryStorage):
+class ClientStorageConformance(*STORAGE_CONFORMANCE_MIXINS,
+                               RecoveryStorage.RecoveryStorage):
     """The mixins, with `self._storage` a client of a pooled storage (and
     `self._dst`, RecoveryStorage's copy destination, of another)."""
 

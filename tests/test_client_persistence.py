@@ -26,20 +26,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
-from conftest import CLIENT_TIMEOUT, REPO_ROOT, server_environment
+from conftest import REPO_ROOT, server_environment
+from conftest import wait_until
 from server_process import ServerProcess, free_port
-from zeo.ClientStorage import ClientStorage
 from zeo.client.cache_file import cache_file_path
 
 #: How long a test waits for a client to notice a lost or new server.
-RECONNECT_TIMEOUT = 20
 
 #: Big enough for every object of these tests: nothing is evicted.
 BIG_CACHE = 64 * 2 ** 20
@@ -71,19 +69,9 @@ def servers():
 
 
 @pytest.fixture
-def clients():
-    """Factory opening our ClientStorages; all closed after the test."""
-    opened = []
-
-    def open_(port, **options):
-        options.setdefault("wait_timeout", CLIENT_TIMEOUT)
-        storage = ClientStorage(("127.0.0.1", port), **options)
-        opened.append(storage)
-        return storage
-
-    yield open_
-    for storage in opened:
-        storage.close()
+def clients(clients):
+    """The shared factory, addressed by a port on 127.0.0.1."""
+    return lambda port, **options: clients(("127.0.0.1", port), **options)
 
 
 @pytest.fixture
@@ -114,16 +102,6 @@ def children():
         print("---- stderr of child pid %d (status %s) ----\n%s"
               % (child.pid, child.returncode, child.error_log.read()))
         child.error_log.close()
-
-
-def wait_until(predicate, what, timeout=RECONNECT_TIMEOUT):
-    """Poll `predicate` every 50 ms; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out after %ss waiting until %s"
-                        % (timeout, what))
-        time.sleep(0.05)
 
 
 def server_loads(storage):

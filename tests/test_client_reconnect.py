@@ -10,7 +10,6 @@ polls with a deadline.
 import logging
 import shutil
 import threading
-import time
 
 import pytest
 import transaction
@@ -20,7 +19,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import z64
 
-from conftest import CLIENT_TIMEOUT, server_environment
+from conftest import CLIENT_TIMEOUT, server_environment, wait_until
 from server_process import ServerProcess, free_port
 from test_client_storage import commit
 from zeo.ClientStorage import ClientStorage
@@ -30,7 +29,6 @@ from zeo.client.manager import RetryPolicy
 pytestmark = pytest.mark.timeout(90)
 
 #: How long a test waits for a client to notice a lost or new server.
-RECONNECT_TIMEOUT = 20
 
 #: How many objects the tests put under the root.
 OBJECTS = 5
@@ -59,31 +57,17 @@ def servers():
 
 
 @pytest.fixture
-def clients():
-    """Factory opening our ClientStorages (fast retries); all closed after
-    the test, with any database opened on them."""
-    opened = []
+def clients(clients):
+    """The shared factory with fast retries and ClientStorage's own
+    default wait_timeout."""
 
     def open_(address, **options):
         for key, value in FAST_RETRY.items():
             options.setdefault(key, value)
-        storage = ClientStorage(address, **options)
-        opened.append(storage)
-        return storage
+        options.setdefault("wait_timeout", None)
+        return clients(address, **options)
 
-    yield open_
-    for storage in opened:
-        storage.close()
-
-
-def wait_until(predicate, what, timeout=RECONNECT_TIMEOUT):
-    """Poll `predicate` every 50 ms; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out after %ss waiting until %s"
-                        % (timeout, what))
-        time.sleep(0.05)
+    return open_
 
 
 def populate(db):

@@ -63,22 +63,6 @@ def servers(tmp_path):
     assert statuses == [0] * len(statuses)
 
 
-@pytest.fixture
-def clients():
-    """Factory opening our ClientStorages; closed after the test."""
-    opened = []
-
-    def open_(address, **options):
-        options.setdefault("wait_timeout", CLIENT_TIMEOUT)
-        storage = ClientStorage(address, **options)
-        opened.append(storage)
-        return storage
-
-    yield open_
-    for storage in opened:
-        storage.close()
-
-
 def commit(storage, oid, serial, data):
     """Store one record in its own transaction; return the new tid."""
     txn = TransactionMetaData()

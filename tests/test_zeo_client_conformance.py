@@ -11,41 +11,15 @@ import threading
 import pytest
 from ZEO.ClientStorage import ClientStorage
 from ZODB.Connection import TransactionMetaData
-from ZODB.tests import BasicStorage
-from ZODB.tests import ConflictResolution
-from ZODB.tests import HistoryStorage
-from ZODB.tests import IteratorStorage
-from ZODB.tests import MTStorage
 from ZODB.tests import PackableStorage
-from ZODB.tests import PersistentStorage
-from ZODB.tests import ReadOnlyStorage
-from ZODB.tests import RevisionStorage
-from ZODB.tests import StorageTestBase
-from ZODB.tests import Synchronization
-from ZODB.tests import TransactionalUndoStorage
 
-from conftest import CLIENT_TIMEOUT
+from conftest import CLIENT_TIMEOUT, STORAGE_CONFORMANCE_MIXINS
 from conftest import start_test_server
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class ZEOClientStorageConformance(
-        StorageTestBase.StorageTestBase,
-        BasicStorage.BasicStorage,
-        Synchronization.SynchronizedStorage,
-        ConflictResolution.ConflictResolvingStorage,
-        ConflictResolution.ConflictResolvingTransUndoStorage,
-        TransactionalUndoStorage.TransactionalUndoStorage,
-        PackableStorage.PackableStorage,
-        PackableStorage.PackableUndoStorage,
-        IteratorStorage.IteratorStorage,
-        IteratorStorage.ExtendedIteratorStorage,
-        HistoryStorage.HistoryStorage,
-        RevisionStorage.RevisionStorage,
-        MTStorage.MTStorage,
-        ReadOnlyStorage.ReadOnlyStorage,
-        PersistentStorage.PersistentStorage):
+class ZEOClientStorageConformance(*STORAGE_CONFORMANCE_MIXINS):
     """Each test gets its own server process and FileStorage."""
 
     def setUp(self):
