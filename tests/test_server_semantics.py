@@ -14,6 +14,7 @@ import pytest
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import maxtid, p64, z64
 
+from conftest import wait_until
 from raw_client import RawClient, RemoteError
 from test_ordering import begin_and_store, commit, connect
 from zeo.server import StorageServer
@@ -41,13 +42,6 @@ def start(tmp_path):
 
 def status(server):
     return server.storages["1"].status("stub")
-
-
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def commit_objects(client, txn_id, oids, serials):
@@ -131,7 +125,8 @@ def test_store_outside_a_transaction(start):
     assert error.value.payload == (None, 7)
     client.send_oneway("storea", z64, z64, b"data", 7)
     assert client.is_closed(5)
-    wait_for(lambda: status(server)["connections"] == 0)
+    wait_until(lambda: status(server)["connections"] == 0,
+               "the closed connection is cleaned up", timeout=10)
 
 
 def test_tpc_begin_twice(start):
@@ -143,7 +138,8 @@ def test_tpc_begin_twice(start):
     assert status(server)["active_txns"] == 1
     client.send_oneway("tpc_begin", 2, b"", b"", {}, None, " ")
     assert client.is_closed(5)
-    wait_for(lambda: status(server)["active_txns"] == 0)
+    wait_until(lambda: status(server)["active_txns"] == 0,
+               "the transaction is aborted", timeout=10)
     assert status(server)["aborts"] == 1
 
 
@@ -220,7 +216,9 @@ def test_every_server_initiated_close_cleans_up(start):
         client.send_oneway("storea", p64(9), z64, b"x", 3)
         close(client)
         assert client.is_closed(5)
-    wait_for(lambda: status(server)["connections"] == 1)
+    wait_until(lambda: status(server)["connections"] == 1,
+               "every closed connection is cleaned up",
+               timeout=10)
     assert status(server)["active_txns"] == 0
     assert status(server)["aborts"] == len(closers)
     assert len(server.storages["1"].sessions) == 1
