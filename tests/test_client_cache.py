@@ -1,13 +1,16 @@
 """The persistent client cache (`zeo.client.cache_file`), on real files.
 
 The in-memory `ClientCache` is the model: random operation sequences must
-give the same answers from both.  The rest checks what only a file can
-get wrong: restarts, the size bound on disk, compaction, torn and
-corrupted files (including a writer killed with SIGKILL), the lock, and a
-real client and server reusing a cache across a restart.
+give the same answers from both, across clean reopenings (through the
+index snapshot) and crashed ones (replaying the log).  The rest checks
+what only a file can get wrong: restarts, the size bound on disk,
+compaction, torn and corrupted files (including a writer killed with
+SIGKILL), stale or damaged snapshots, the lock, and a real client and
+server reusing a cache across a restart.
 """
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -80,19 +83,34 @@ def run(model, cache, op):
     assert getattr(cache, name)(*args) == getattr(model, name)(*args), op
 
 
+def reopen(cache, crashed=False):
+    """Close and reopen a cache file; `crashed` drops the index snapshot,
+    as a process that dies without closing leaves none."""
+    cache.close()
+    if crashed:
+        os.remove(cache.path + ".index")
+    return FileClientCache(cache.path, cache.limit)
+
+
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(operation, max_size=80))
+@given(st.lists(st.one_of(operation, operation, operation,
+                          st.just(("reopen",))), max_size=80))
 def test_random_operations_match_the_model_with_eviction(ops):
     """A small limit: eviction and compaction happen often, and neither may
-    change an answer (eviction order included)."""
+    change an answer (eviction order included, which a clean reopening
+    keeps through the snapshot)."""
     limit = 1500
     with tempfile.TemporaryDirectory() as directory:
         cache = FileClientCache(os.path.join(directory, "c-1.zec"), limit)
         model = ClientCache(limit)
         try:
             for op in ops:
-                run(model, cache, op)
+                if op[0] == "reopen":
+                    cache = reopen(cache)
+                    same_state(model, cache)
+                else:
+                    run(model, cache, op)
                 assert cache.size <= limit
             same_state(model, cache)
         finally:
@@ -102,12 +120,13 @@ def test_random_operations_match_the_model_with_eviction(ops):
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(operation, operation, operation,
-                          st.just(("reopen",)), st.just(("compact",))),
+                          st.just(("reopen",)), st.just(("crash",)),
+                          st.just(("compact",))),
                 max_size=80))
 def test_random_operations_survive_reopening_and_compaction(ops):
     """With room for everything (so the least-recently-used order, which a
-    restart does not keep, cannot matter), closing and reopening the file
-    or compacting it changes nothing."""
+    crash does not keep, cannot matter), reopening the file after a clean
+    close or a crash, or compacting it, changes nothing."""
     limit = 10 ** 6
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "c-1.zec")
@@ -115,9 +134,8 @@ def test_random_operations_survive_reopening_and_compaction(ops):
         model = ClientCache(limit)
         try:
             for op in ops:
-                if op[0] == "reopen":
-                    cache.close()
-                    cache = FileClientCache(path, limit)
+                if op[0] in ("reopen", "crash"):
+                    cache = reopen(cache, crashed=op[0] == "crash")
                     same_state(model, cache)
                 elif op[0] == "compact":
                     cache.compact()
@@ -381,6 +399,89 @@ def test_writer_killed_mid_write_leaves_only_good_data(tmp_path, limit):
     finally:
         cache.close()
     assert not os.path.exists(path + ".tmp")
+
+
+# -- the index snapshot --------------------------------------------------------
+
+SNAPSHOT_IGNORED = "index snapshot not used"
+
+
+def test_clean_close_leaves_a_snapshot_that_the_next_open_takes(
+        tmp_path, caplog):
+    path = str(tmp_path / "c-1.zec")
+    write_numbered(path, 30)
+    assert os.path.exists(path + ".index")
+    cache = FileClientCache(path, 10 ** 7)
+    try:
+        assert not os.path.exists(path + ".index")  # a crash now: replay
+        assert cache.last_tid() == p64(1) and len(cache) == 30
+    finally:
+        cache.close()
+    assert SNAPSHOT_IGNORED not in caplog.text
+    assert surviving(path, 30) == list(range(30))
+
+
+def test_snapshot_keeps_the_least_recently_used_order(tmp_path):
+    path = str(tmp_path / "c-1.zec")
+    write_numbered(path, 10)
+    cache = FileClientCache(path, 10 ** 7)
+    for number in (3, 0, 7):  # now the most recently used
+        assert cache.load_before(p64(number), p64(2)) is not None
+    cache = reopen(cache)
+    try:
+        # Each entry is charged 150 bytes; an empty one 100.  Storing one
+        # must now evict exactly two: the two least recently used.
+        cache.limit = cache.size - 200
+        cache.store(p64(99), p64(1), None, b"")
+        assert cache.load_before(p64(1), p64(2)) is None
+        assert cache.load_before(p64(2), p64(2)) is None
+        assert all(cache.load_before(p64(number), p64(2)) is not None
+                   for number in (0, 3, 4, 5, 6, 7, 8, 9))
+    finally:
+        cache.close()
+
+
+def test_snapshot_of_an_older_file_is_not_used(tmp_path, caplog):
+    """A snapshot put back after the log moved on (a crash after more
+    writes, or a file copied around) must not hide the newer records."""
+    path = str(tmp_path / "c-1.zec")
+    write_numbered(path, 10)
+    with open(path + ".index", "rb") as old:
+        old_snapshot = old.read()
+    cache = FileClientCache(path, 10 ** 7)
+    cache.invalidate(p64(4), p64(2))
+    cache.store(p64(4), p64(2), None, b"new")
+    cache.set_last_tid(p64(2))
+    cache.close()
+    with open(path + ".index", "wb") as snapshot:
+        snapshot.write(old_snapshot)
+    caplog.set_level(logging.INFO, "zeo.client.cache_file")
+    cache = FileClientCache(path, 10 ** 7)
+    try:
+        assert "the cache file changed" in caplog.text
+        assert cache.last_tid() == p64(2)
+        assert cache.load_before(p64(4), p64(3)) == (b"new", p64(2), None)
+        assert cache.load_before(p64(4), p64(2))[2] == p64(2)
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("damage", ["magic", "entry", "truncate", "empty"])
+def test_damaged_snapshot_is_not_used(tmp_path, caplog, damage):
+    path = str(tmp_path / "c-1.zec")
+    write_numbered(path, 10)
+    with open(path + ".index", "r+b") as snapshot:
+        if damage == "magic":
+            snapshot.write(b"X")
+        elif damage == "entry":
+            snapshot.seek(-5, os.SEEK_END)
+            snapshot.write(b"\xff")
+        else:
+            snapshot.truncate(0 if damage == "empty" else 40)
+    caplog.set_level(logging.INFO, "zeo.client.cache_file")
+    assert surviving(path, 10) == list(range(10))
+    assert SNAPSHOT_IGNORED in caplog.text
+    assert not os.path.exists(path + ".index.tmp")
 
 
 # -- the lock -----------------------------------------------------------------

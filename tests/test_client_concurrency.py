@@ -1,9 +1,13 @@
 """Concurrency: the connection's reader thread, threads and processes.
 
-A scripted server (a socket driven by the test) checks what the single
-reader thread promises: replies matched by msgid, duplicate loads sharing
-one request, invalidations applied in wire order before the caller of a
-later reply wakes, the heartbeat, refused greetings.
+A scripted server (a socket driven by the test) checks what the reading
+promises: replies matched by msgid, duplicate loads sharing one request,
+invalidations applied in wire order before the caller of a later reply
+wakes, the heartbeat, refused greetings; and who reads: a lone caller
+reads its own reply, a leading caller applies everything that arrives
+meanwhile in wire order, the reader thread takes over when the leader
+leaves, and an interrupted leader ends the connection rather than lose a
+message.
 
 Then many threads and processes share a database.  Money moves between
 accounts in random transactions; the total never changes.  Every read
@@ -15,6 +19,7 @@ below the number of commits the writers reported.
 """
 
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -30,7 +35,7 @@ from ZODB.POSException import ConflictError
 
 from ZODB.utils import p64
 
-from conftest import CLIENT_TIMEOUT, server_environment
+from conftest import CLIENT_TIMEOUT, server_environment, wait_until
 from server_process import OURS, THEIRS, start_configured_server
 from zeo import wire
 from zeo.ClientStorage import ClientStorage
@@ -243,6 +248,177 @@ def _outcome(function, *args):
         return function(*args)
     except Exception as error:
         return error
+
+
+# -- who reads: leading callers and the reader thread --------------------------
+
+leading = pytest.mark.skipif(not hasattr(select, "epoll"),
+                             reason="callers lead only with epoll")
+
+
+class ThreadRecorder:
+    """Records each event with the name of the thread it ran on."""
+
+    def __init__(self):
+        self.events = []
+
+    def invalidateTransaction(self, tid, oids):
+        self.events.append(("invalidated", threading.current_thread().name))
+
+    def info(self, info):
+        self.events.append(("info", threading.current_thread().name))
+
+    def apply(self, what):
+        return lambda result: self.events.append(
+            (what, threading.current_thread().name))
+
+
+def start_call(connection, name, method, *args, apply=None):
+    """Call `method` on a new thread `name`; returns the thread and a list
+    that receives the result (or the exception)."""
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(connection.call(method, *args, apply=apply))
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=call, name=name)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def raw_connection(scripted):
+    """A bare `Connection` to a scripted server, invalidations released."""
+    server = scripted()
+    recorder = ThreadRecorder()
+    closed = threading.Event()
+    connection = Connection.open(server.address, recorder,
+                                 lambda connection: closed.set(), 5)
+    connection.release(p64(0))
+    yield server, connection, recorder, closed
+    connection.close()
+
+
+def wait_until_leading(connection):
+    wait_until(connection._read_lock.locked, "a caller reads", 5)
+
+
+@leading
+def test_a_lone_caller_reads_its_own_reply(raw_connection):
+    server, connection, recorder, _closed = raw_connection
+    thread, outcome = start_call(connection, "test-caller", "getTid", p64(1),
+                                 apply=recorder.apply("reply"))
+    (request,) = server.wait_for("getTid")
+    wait_until_leading(connection)
+    server.reply(request.msgid, p64(5))
+    thread.join(5)
+    assert outcome == [p64(5)]
+    assert recorder.events == [("reply", "test-caller")]
+
+
+@leading
+def test_the_leader_applies_what_arrives_in_wire_order(raw_connection):
+    """A caller waits for a slow reply (a vote parked on the commit lock);
+    another caller's reply and an invalidation arrive meanwhile: the
+    leader applies both, in the order they came, and the other caller
+    wakes with its result while the leader goes on waiting."""
+    server, connection, recorder, _closed = raw_connection
+    voter, voted = start_call(connection, "test-voter", "vote", 1,
+                              apply=recorder.apply("vote"))
+    (vote,) = server.wait_for("vote")
+    wait_until_leading(connection)
+    loader, loaded = start_call(connection, "test-loader", "getTid", p64(1),
+                                apply=recorder.apply("getTid"))
+    (request,) = server.wait_for("getTid")
+    server.send(0, wire.ONEWAY, "invalidateTransaction", (p64(9), [p64(1)]))
+    server.reply(request.msgid, p64(9))
+    loader.join(5)
+    assert loaded == [p64(9)] and voter.is_alive()
+    assert recorder.events == [("invalidated", "test-voter"),
+                               ("getTid", "test-voter")]
+    server.reply(vote.msgid, [])
+    voter.join(5)
+    assert voted == [[]]
+    assert recorder.events[-1] == ("vote", "test-voter")
+
+
+@leading
+def test_the_reader_thread_takes_over_when_the_leader_leaves(raw_connection):
+    server, connection, recorder, _closed = raw_connection
+    first, first_outcome = start_call(connection, "test-first", "vote", 1)
+    (vote,) = server.wait_for("vote")
+    wait_until_leading(connection)
+    second, second_outcome = start_call(connection, "test-second", "getTid",
+                                        p64(1), apply=recorder.apply("late"))
+    (request,) = server.wait_for("getTid")
+    server.reply(vote.msgid, [])
+    first.join(5)
+    assert first_outcome == [[]] and second.is_alive()
+    server.send(0, wire.ONEWAY, "info", ({"length": 1},))
+    server.reply(request.msgid, p64(3))
+    second.join(5)
+    assert second_outcome == [p64(3)]
+    reader = connection._thread.name
+    assert recorder.events == [("info", reader), ("late", reader)]
+
+
+def test_without_epoll_the_reader_thread_reads(scripted, monkeypatch):
+    monkeypatch.delattr(select, "epoll", raising=False)
+    server = scripted()
+    recorder = ThreadRecorder()
+    connection = Connection.open(server.address, recorder, lambda c: None, 5)
+    try:
+        thread, outcome = start_call(connection, "test-caller", "getTid",
+                                     p64(1), apply=recorder.apply("reply"))
+        (request,) = server.wait_for("getTid")
+        server.reply(request.msgid, p64(5))
+        thread.join(5)
+        assert outcome == [p64(5)]
+        assert recorder.events == [("reply", connection._thread.name)]
+    finally:
+        connection.close()
+    assert not connection._thread.is_alive()
+
+
+class Interrupt(BaseException):
+    """Stands for a KeyboardInterrupt raised in a leading caller."""
+
+
+@leading
+def test_an_interrupted_leader_ends_the_connection(raw_connection):
+    """Interrupted while applying what it read, a leader cannot tell what
+    it left undone: the connection ends (and a reconnection verifies the
+    cache) instead of losing a message."""
+    server, connection, _recorder, closed = raw_connection
+
+    def interrupted(result):
+        raise Interrupt()
+
+    thread, outcome = start_call(connection, "test-caller", "getTid", p64(1),
+                                 apply=interrupted)
+    (request,) = server.wait_for("getTid")
+    wait_until_leading(connection)
+    server.reply(request.msgid, p64(5))
+    thread.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], Interrupt)
+    assert closed.wait(5)
+    with pytest.raises(ClientDisconnected):
+        connection.call("getTid", p64(1))
+
+
+@leading
+def test_closing_wakes_a_leader_and_stops_the_reader(raw_connection):
+    server, connection, _recorder, closed = raw_connection
+    thread, outcome = start_call(connection, "test-voter", "vote", 1)
+    server.wait_for("vote")
+    wait_until_leading(connection)
+    connection.close()
+    thread.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
+    assert closed.is_set() and not connection._thread.is_alive()
 
 
 # -- many threads, many processes ------------------------------------------

@@ -4,10 +4,11 @@ Reads go through an in-memory cache of object revisions
 (`zeo.client.cache`); misses become `loadBefore` calls.  Commits are
 buffered on the server (one-way `storea` calls) and voted and finished
 with two-way calls.  The connection layer (`zeo.client.connection` and
-`zeo.client.manager`) does the I/O: its reader thread applies replies
-and the server's invalidations to the cache in wire order, which is what
-gives every ZODB connection of a `ZODB.DB` on this storage a consistent
-MVCC snapshot.
+`zeo.client.manager`) does the I/O: whichever thread reads the socket
+(a caller waiting for its reply, or the connection's reader thread)
+applies replies and the server's invalidations to the cache in wire
+order, which is what gives every ZODB connection of a `ZODB.DB` on this
+storage a consistent MVCC snapshot.
 
 When the connection drops, reads the cache can answer go on (as of the
 last transaction the cache knows), everything else raises
@@ -36,6 +37,7 @@ from zeo.client.cache_file import FileClientCache, cache_file_path
 from zeo.client.iterator import IteratorGarbage, TransactionIterator
 from zeo.client.manager import (
     CONNECT_TIMEOUT, ConnectionManager, RetryPolicy, normalize_addresses)
+from zeo.client.trace import open_tracer, trace_path
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +86,17 @@ class ClientStorage(ConflictResolvingStorage):
     server.  `cache_size` bounds the object cache (bytes); with `client`
     the cache persists in the file ``<client>-<storage>.zec`` in the
     directory `var` (default: the current one), otherwise it is in memory.
-    `wait` makes the constructor connect before returning, for up to
-    `wait_timeout` seconds (30 when None); otherwise it connects in the
-    background, retrying every `min_disconnect_poll` seconds, doubling up
-    to `max_disconnect_poll`; a lost connection is re-established the
-    same way.  `read_only_fallback` accepts a read-only server while it
-    keeps looking for a writable one; `server_sync` makes `sync()` a
-    round trip; `client_label` names the client in the server's log.
+    `cache_trace` is a file to which every cache event is appended (see
+    `zeo.client.trace`; without it, a non-empty ``ZEO_CACHE_TRACE``
+    environment variable traces a persistent cache to its file name plus
+    ``.trace``).  `wait` makes the constructor connect before returning,
+    for up to `wait_timeout` seconds (30 when None); otherwise it
+    connects in the background, retrying every `min_disconnect_poll`
+    seconds, doubling up to `max_disconnect_poll`; a lost connection is
+    re-established the same way.  `read_only_fallback` accepts a
+    read-only server while it keeps looking for a writable one;
+    `server_sync` makes `sync()` a round trip; `client_label` names the
+    client in the server's log.
     `drop_cache_rather_verify`: when a reconnecting client missed more
     transactions than the server remembers, drop the whole cache at once
     instead of reading the server's history to find what changed.
@@ -104,7 +110,8 @@ class ClientStorage(ConflictResolvingStorage):
                  max_disconnect_poll=300, wait=True, wait_timeout=None,
                  read_only=False, read_only_fallback=False, blob_dir=None,
                  shared_blob_dir=False, server_sync=False, client_label=None,
-                 drop_cache_rather_verify=False, **ignored):
+                 drop_cache_rather_verify=False, cache_trace=None,
+                 **ignored):
         if blob_dir is not None:
             raise ClientStorageError("blobs are not supported by this "
                                      "client yet (blob_dir=%r)" % (blob_dir,))
@@ -118,10 +125,14 @@ class ClientStorage(ConflictResolvingStorage):
         self._server_sync = bool(server_sync)
         self._drop_cache_rather_verify = bool(drop_cache_rather_verify)
         if client is None:
+            cache_path = None
             self._cache = ClientCache(cache_size)
         else:
-            self._cache = FileClientCache(
-                cache_file_path(client, storage, var), cache_size)
+            cache_path = cache_file_path(client, storage, var)
+            self._cache = FileClientCache(cache_path, cache_size)
+        self._tracer = open_tracer(trace_path(cache_trace, cache_path))
+        if self._tracer is not None:
+            self._cache.set_tracer(self._tracer)
         self._db = None
         self._info = {"length": 0, "size": 0, "supportsUndo": False,
                       "interfaces": ()}
@@ -378,8 +389,8 @@ class ClientStorage(ConflictResolvingStorage):
     def tpc_finish(self, txn, f=None):
         """Finish the commit; return its tid after calling `f(tid)`.
 
-        The cache update and `f` run on the reader thread when the reply
-        arrives, before any later invalidation is applied and before the
+        The cache update and `f` run on the thread that reads the reply,
+        before any later invalidation is applied and before the
         new tid becomes `lastTransaction()`, so no reader can see the new
         tid without this commit's invalidations.
         """
@@ -466,8 +477,12 @@ class ClientStorage(ConflictResolvingStorage):
         self._close_cache()
 
     def _close_cache(self):
-        """Release a persistent cache's file and lock (after the link is
-        closed: its reader thread writes to the cache)."""
+        """Close the cache trace and release a persistent cache's file and
+        lock (after the link is closed: whoever reads the socket writes to
+        the cache)."""
+        if self._tracer is not None:
+            self._cache.set_tracer(None)
+            self._tracer.close()
         if isinstance(self._cache, FileClientCache):
             self._cache.close()
 

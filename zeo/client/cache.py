@@ -11,8 +11,9 @@ current revision (PROTOCOL.md section 9), so:
 * a non-current one when `start < tid <= end`.
 
 Entries are evicted least recently used first once their sizes add up to
-more than the limit.  The cache is used by the connection's reader thread
-and by application threads, so every method takes the cache's lock.
+more than the limit.  The cache is used by whichever thread reads the
+connection and by application threads, so every method takes the cache's
+lock.
 
 These rules are written once, for two caches:
 
@@ -35,6 +36,8 @@ import threading
 
 from ZODB.utils import p64, u64
 
+from zeo.client import trace
+
 #: Bytes charged per entry on top of its data (keys, tids, bookkeeping).
 ENTRY_OVERHEAD = 100
 
@@ -56,6 +59,30 @@ class RevisionIndex:
         self._by_oid = {}  # oid -> set of start tids
         self._current = {}  # oid -> start tid of the current revision
         self.data_bytes = 0  # data bytes of all entries
+
+    def restore(self, entries):
+        """Replace the contents with `entries`, `(oid, start, end,
+        location)` tuples least recently used first, as `items()` listed
+        them.  Reopening a persistent cache does this for every entry at
+        once, which costs a fraction of storing them one by one.
+        """
+        self.clear()
+        ordered = self._entries
+        by_oid = self._by_oid
+        current = self._current
+        data_size = self._data_size
+        data_bytes = 0
+        for oid, start, end, location in entries:
+            ordered[oid, start] = [location, end]
+            starts = by_oid.get(oid)
+            if starts is None:
+                by_oid[oid] = {start}
+            else:
+                starts.add(start)
+            if end is None:
+                current[oid] = start
+            data_bytes += data_size(location)
+        self.data_bytes = data_bytes
 
     def __len__(self):
         return len(self._entries)
@@ -140,14 +167,16 @@ class RevisionIndex:
 
     def invalidate(self, oid, tid):
         """Transaction `tid` changed `oid`: its current revision ends there
-        (or is dropped if it did not start before `tid`)."""
+        (or is dropped if it did not start before `tid`).  Returns whether
+        a revision was kept as non-current."""
         start = self._current.pop(oid, None)
         if start is None:
-            return
+            return False
         if start >= tid:
             self.remove((oid, start))
-        else:
-            self._entries[oid, start][1] = tid
+            return False
+        self._entries[oid, start][1] = tid
+        return True
 
     def forget(self, oid):
         """Drop every revision of `oid`."""
@@ -177,7 +206,13 @@ class RevisionCache:
     before the index applies a change ("invalidate", "remove", "forget" or
     "last_tid"), `_after_change()` after a change, and `_clear_data()` when
     the cache is cleared.
+
+    With a tracer (`set_tracer`, see `zeo.client.trace`) every load, store,
+    invalidation, forget and eviction is recorded; without one, each
+    costs a single test.
     """
+
+    _tracer = None
 
     def __init__(self, size):
         self.limit = size
@@ -194,6 +229,12 @@ class RevisionCache:
         """Bytes charged for the entries held now."""
         with self._lock:
             return self._index.size
+
+    def set_tracer(self, tracer):
+        """Record cache events with `tracer` (a `CacheTracer`) from now
+        on; None stops recording."""
+        with self._lock:
+            self._tracer = tracer
 
     def last_tid(self):
         """The newest transaction applied to the cache, or None."""
@@ -216,22 +257,41 @@ class RevisionCache:
         None when the cache cannot answer."""
         with self._lock:
             key = self._index.find(oid, tid, self._last_tid)
-            if key is None:
-                return None
-            location, end = self._index.get(key)
-            data = self._load(location)
-            if data is None:
+            if key is not None:
+                location, end = self._index.get(key)
+                data = self._load(location)
+                if data is not None:
+                    self._index.touch(key)
+                    if self._tracer is not None:
+                        self._tracer.record(
+                            trace.LOAD_HIT if end is None
+                            else trace.LOAD_BEFORE_HIT,
+                            oid, key[1], end, self._data_size(location))
+                    return data, key[1], end
                 self._drop(key)
                 self._after_change()
-                return None
-            self._index.touch(key)
-            return data, key[1], end
+            if self._tracer is not None:
+                self._trace_miss(oid, tid)
+            return None
+
+    def _trace_miss(self, oid, tid):
+        """A miss is a load of current data when `tid` is past the last
+        tid (as `ClientStorage.load` asks), else a load of older data."""
+        current = self._last_tid is None or tid > self._last_tid
+        self._tracer.record(
+            trace.LOAD_MISS if current else trace.LOAD_BEFORE_MISS,
+            oid, None, tid)
 
     def store(self, oid, start, end, data):
         """Remember a revision; `end` None means it is current."""
         with self._lock:
             location = self._place(oid, start, end, data)
             self._index.store(oid, start, end, location)
+            if self._tracer is not None:
+                self._tracer.record(
+                    trace.STORE_CURRENT if end is None
+                    else trace.STORE_NONCURRENT,
+                    oid, start, end, self._data_size(location))
             self._evict()
             self._after_change()
 
@@ -240,8 +300,14 @@ class RevisionCache:
         with self._lock:
             if self._index.has_current(oid):
                 self._journal("invalidate", oid, tid)
-                self._index.invalidate(oid, tid)
+                kept = self._index.invalidate(oid, tid)
+                if self._tracer is not None:
+                    self._tracer.record(
+                        trace.INVALIDATE_KEEP if kept
+                        else trace.INVALIDATE_DISCARD, oid, tid)
                 self._after_change()
+            elif self._tracer is not None:
+                self._tracer.record(trace.INVALIDATE_MISS, oid, tid)
 
     def forget(self, oid):
         """Drop every revision of `oid` (its state is uncertain)."""
@@ -249,7 +315,11 @@ class RevisionCache:
             if self._index.holds(oid):
                 self._journal("forget", oid)
                 self._index.forget(oid)
+                if self._tracer is not None:
+                    self._tracer.record(trace.INVALIDATE_DISCARD, oid)
                 self._after_change()
+            elif self._tracer is not None:
+                self._tracer.record(trace.INVALIDATE_MISS, oid)
 
     def clear(self):
         """Drop everything, including the last tid."""
@@ -264,7 +334,12 @@ class RevisionCache:
 
     def _evict(self):
         while self._index.size > self.limit and len(self._index):
-            self._drop(self._index.oldest())
+            key = self._index.oldest()
+            if self._tracer is not None:
+                location, end = self._index.get(key)
+                self._tracer.record(trace.EVICT, key[0], key[1], end,
+                                    self._data_size(location))
+            self._drop(key)
 
     # -- hooks ----------------------------------------------------------------
 

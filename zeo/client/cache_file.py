@@ -39,6 +39,17 @@ rename (`compact`), so the file stays within about 1.5 times the limit,
 and no store rewrites more than its own record.  `clear()` truncates the
 file to its header.
 
+Replaying costs a few microseconds of Python per record, so a clean
+`close()` also writes an index snapshot, ``<file>.index``: every live
+entry's key, end tid and record location, least recently used first, the
+last tid, and the size and CRC32 of the whole log it describes.  The next
+open takes the snapshot instead of replaying only if the log is still
+exactly that log (same size, same CRC over every byte, checked in C in
+one pass), so the snapshot can only save time, never change what the
+cache answers.  It is removed as soon as it is read: a process that
+crashes later leaves no snapshot behind, and its successor replays.
+The snapshot also keeps the least-recently-used order across restarts.
+
 One process at a time may use a cache file: a `zc.lockfile` lock on
 ``<file>.lock`` is taken on open; a second opener gets `CacheFileLocked`.
 """
@@ -76,6 +87,18 @@ _RECORD_HEAD = _HEADER.size + _STORE_HEAD
 #: The record kind of each change `RevisionCache` journals.
 _JOURNAL_KINDS = {"invalidate": INVALIDATE, "remove": REMOVE,
                   "forget": FORGET, "last_tid": LAST_TID}
+
+#: The first bytes of an index snapshot (format name and version).
+INDEX_MAGIC = b"ZEOCIDX1"
+
+#: magic, log size, log CRC32, has last tid, last tid, entry count, CRC32
+#: of the entries.
+_INDEX_HEADER = struct.Struct(">8sQI?8sII")
+#: oid, start tid, end tid (zeros for "current"), record offset, length.
+_INDEX_ENTRY = struct.Struct(">8s8s8sQI")
+
+#: Bytes read at a time when checking a log against a snapshot.
+_CRC_CHUNK = 1 << 20
 
 #: Garbage is compacted away once it exceeds this share of the limit...
 GARBAGE_RATIO = 0.5
@@ -128,9 +151,10 @@ class FileClientCache(RevisionCache):
 
     Same behaviour as `ClientCache` (see its module) for `load_before`,
     `store`, `invalidate`, `forget`, `set_last_tid`, `last_tid`, `clear`,
-    `len()` and `size`; plus `close()`, which releases the file and its
-    lock.  The least-recently-used order is not recorded: after reopening
-    it is the order in which the entries were written.
+    `len()` and `size`; plus `close()`, which writes the index snapshot
+    and releases the file and its lock.  The least-recently-used order
+    survives a clean close (through the snapshot); after a crash it is the
+    order in which the entries were written.
     """
 
     def __init__(self, path, size=20 * 2 ** 20):
@@ -150,12 +174,17 @@ class FileClientCache(RevisionCache):
             raise
 
     def _open(self):
-        # A compaction interrupted before its rename leaves this behind.
-        if os.path.exists(self._compaction_path()):
-            os.remove(self._compaction_path())
+        # A compaction or snapshot interrupted before its rename leaves
+        # these behind.
+        for leftover in (self._compaction_path(), self._snapshot_path()
+                         + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        snapshot = self._take_snapshot()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self._end = self._replay()
+            if snapshot is None or not self._restore(snapshot):
+                self._replay()
             self._evict()
             self._maybe_compact()
         except BaseException:
@@ -165,11 +194,14 @@ class FileClientCache(RevisionCache):
     def _compaction_path(self):
         return self.path + ".tmp"
 
+    def _snapshot_path(self):
+        return self.path + ".index"
+
     # -- opening: replay the valid prefix of the log --------------------------
 
     def _replay(self):
-        """Rebuild the index from the file; return the end of its valid
-        prefix, having truncated the file there.
+        """Rebuild the index from the file and truncate the file at the end
+        of its valid prefix.
 
         The file is read in one piece and parsed in place: at start-up a
         cache of ten thousand objects is ten thousand records, and per
@@ -178,8 +210,8 @@ class FileClientCache(RevisionCache):
         with open(self.path, "rb", closefd=True) as log:
             content = log.read()
         if content[:len(MAGIC)] != MAGIC:
-            return self._restart_file(
-                content and "is not a cache file (bad header)")
+            self._restart_file(content and "is not a cache file (bad header)")
+            return
         view = memoryview(content)
         offset, end = len(MAGIC), len(content)
         while offset < end:
@@ -190,12 +222,13 @@ class FileClientCache(RevisionCache):
                     "the file (%d bytes)", self.path, problem, offset,
                     end - offset)
                 os.ftruncate(self._fd, offset)
-                return offset
+                break
             body = offset + _HEADER.size
             self._apply(kind, content[body:body + length], offset,
                         _HEADER.size + length)
             offset = body + length
-        return offset
+        self._end = offset
+        self._log_crc = zlib.crc32(view[:offset])
 
     def _apply(self, kind, payload, offset, record_length):
         """Replay one record into the index (the change is already in
@@ -222,7 +255,85 @@ class FileClientCache(RevisionCache):
                            self.path, why)
         os.ftruncate(self._fd, 0)
         self._write_at(0, MAGIC)
-        return len(MAGIC)
+        self._end, self._log_crc = len(MAGIC), zlib.crc32(MAGIC)
+
+    # -- opening: or take the index snapshot ----------------------------------
+
+    def _take_snapshot(self):
+        """The content of the index snapshot, which is removed (so a crash
+        from now on cannot leave it to describe a log it no longer
+        matches), or None if there is none."""
+        path = self._snapshot_path()
+        try:
+            with open(path, "rb") as source:
+                content = source.read()
+            os.remove(path)
+        except FileNotFoundError:
+            return None
+        return content
+
+    def _restore(self, snapshot):
+        """Take the index from `snapshot` if it is whole and describes the
+        log as it is now; return whether it did."""
+        problem = None
+        if len(snapshot) < _INDEX_HEADER.size:
+            problem = "torn"
+        else:
+            (magic, log_size, log_crc, has_last_tid, last_tid, count,
+             entries_crc) = _INDEX_HEADER.unpack_from(snapshot)
+            entries = memoryview(snapshot)[_INDEX_HEADER.size:]
+            if magic != INDEX_MAGIC or \
+                    len(entries) != count * _INDEX_ENTRY.size or \
+                    zlib.crc32(entries) != entries_crc:
+                problem = "damaged"
+            elif not self._log_is(log_size, log_crc):
+                problem = "the cache file changed after it was written"
+        if problem:
+            logger.info("client cache %s: index snapshot not used (%s); "
+                        "replaying the file", self.path, problem)
+            return False
+        self._index.restore(
+            (oid, start, None if end == z64 else end, (offset, length))
+            for oid, start, end, offset, length
+            in _INDEX_ENTRY.iter_unpack(entries))
+        self._last_tid = last_tid if has_last_tid else None
+        self._end, self._log_crc = log_size, log_crc
+        return True
+
+    def _log_is(self, size, crc):
+        """Whether the log has exactly `size` bytes with CRC32 `crc`."""
+        if os.fstat(self._fd).st_size != size:
+            return False
+        actual = offset = 0
+        while offset < size:
+            chunk = os.pread(self._fd, min(_CRC_CHUNK, size - offset), offset)
+            if not chunk:
+                return False
+            actual = zlib.crc32(chunk, actual)
+            offset += len(chunk)
+        return actual == crc
+
+    def _write_snapshot(self):
+        """Describe the index and the log it belongs to in the snapshot
+        file (written aside, then renamed: a torn one is never seen)."""
+        entries = b"".join(
+            _INDEX_ENTRY.pack(oid, start, end or z64, offset, length)
+            for (oid, start), (offset, length), end in self._index.items())
+        header = _INDEX_HEADER.pack(
+            INDEX_MAGIC, self._end, self._log_crc, self._last_tid is not None,
+            self._last_tid or z64, len(entries) // _INDEX_ENTRY.size,
+            zlib.crc32(entries))
+        path = self._snapshot_path()
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o600)
+        try:
+            with open(fd, "wb") as out:
+                out.write(header)
+                out.write(entries)
+            os.replace(path + ".tmp", path)
+        except BaseException:
+            os.remove(path + ".tmp")
+            raise
 
     # -- where the data lives (the RevisionCache hooks) -----------------------
 
@@ -253,14 +364,21 @@ class FileClientCache(RevisionCache):
 
     def _clear_data(self):
         os.ftruncate(self._fd, len(MAGIC))
-        self._end = len(MAGIC)
+        self._end, self._log_crc = len(MAGIC), zlib.crc32(MAGIC)
 
     def close(self):
-        """Release the file and its lock.  The contents stay on disk for
-        the next process; using the cache afterwards is an error."""
+        """Write the index snapshot and release the file and its lock.  The
+        contents stay on disk for the next process; using the cache
+        afterwards is an error."""
         with self._lock:
             if self._fd is None:
                 return
+            try:
+                self._write_snapshot()
+            except OSError as error:
+                logger.warning("client cache %s: cannot write the index "
+                               "snapshot (%s); the next open replays the "
+                               "file", self.path, error)
             os.close(self._fd)
             self._fd = None
             self._index.clear()
@@ -274,6 +392,7 @@ class FileClientCache(RevisionCache):
         record = _record(kind, payload)
         self._write_at(offset, record)
         self._end = offset + len(record)
+        self._log_crc = zlib.crc32(record, self._log_crc)
         return offset
 
     def _write_at(self, offset, data):
@@ -312,7 +431,7 @@ class FileClientCache(RevisionCache):
         new_fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC,
                          0o600)
         try:
-            moved = self._copy_live_entries(new_fd)
+            moved, crc = self._copy_live_entries(new_fd)
             os.fsync(new_fd)
             os.replace(new_path, self.path)
         except BaseException:
@@ -324,9 +443,11 @@ class FileClientCache(RevisionCache):
         for key, location in moved.items():
             self._index.relocate(key, location)
         self._end = os.fstat(new_fd).st_size
+        self._log_crc = crc
 
     def _copy_live_entries(self, new_fd):
-        """Write the live entries to `new_fd`; return their new locations.
+        """Write the live entries to `new_fd`; return their new locations
+        and the CRC32 of what was written.
 
         An entry whose record is found damaged is left out (and dropped
         from the index): the copy must not turn bad data into good.
@@ -334,7 +455,7 @@ class FileClientCache(RevisionCache):
         moved = {}
         with open(new_fd, "wb", closefd=False) as out:
             out.write(MAGIC)
-            offset = len(MAGIC)
+            offset, crc = len(MAGIC), zlib.crc32(MAGIC)
             for key, location, end in self._index.items():
                 data = self._load(location)
                 if data is None:
@@ -343,8 +464,11 @@ class FileClientCache(RevisionCache):
                 record = _record(STORE, b"".join(
                     (key[0], key[1], end or z64, data)))
                 out.write(record)
+                crc = zlib.crc32(record, crc)
                 moved[key] = (offset, len(record))
                 offset += len(record)
             if self._last_tid is not None:
-                out.write(_record(LAST_TID, self._last_tid))
-        return moved
+                record = _record(LAST_TID, self._last_tid)
+                out.write(record)
+                crc = zlib.crc32(record, crc)
+        return moved, crc

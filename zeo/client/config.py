@@ -53,4 +53,5 @@ class ClientStorageConfig(BaseConfig):
             server_sync=config.server_sync,
             client_label=config.client_label,
             drop_cache_rather_verify=config.drop_cache_rather_verify,
+            cache_trace=config.cache_trace,
         )

@@ -1,9 +1,11 @@
-"""Command-line tools that talk to a running server: zeopack and zeoup.
+"""Command-line tools: zeopack and zeoup talk to a running server;
+cache_stats and cache_simul read client cache traces.
 
-They speak the wire protocol with `zeo.wire` directly (never through a
-ClientStorage), so they need nothing but this package, and they connect
-the way a client does.  What they share lives here: reading a server
-address as users write it, and a blocking socket that reads whole frames.
+The server tools speak the wire protocol with `zeo.wire` directly (never
+through a ClientStorage), so they need nothing but this package, and they
+connect the way a client does.  What they share lives here: reading a
+server address as users write it, and a blocking socket that reads whole
+frames.
 """
 
 import argparse
