@@ -252,3 +252,90 @@ def test_client_that_never_reads_is_dropped_without_stalling_others(
     while server.storages["1"].status("stub")["connections"] > 1:
         assert time.monotonic() < deadline, "the hog was never dropped"
         time.sleep(0.05)
+
+
+# --- the outbox on its own ---------------------------------------------------
+
+def _read_frames(sock, count, timeout=20):
+    from zeo.wire import FrameReader
+    reader = FrameReader()
+    frames = []
+    sock.settimeout(timeout)
+    while len(frames) < count:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        frames.extend(reader.feed(data))
+    return frames
+
+
+def test_outbox_keeps_put_order_through_partial_sends_and_its_writer():
+    """Frames put by several threads leave in put order, each thread's in
+    its own order, whether the putting thread, another one or the writer
+    sends them, and however the socket splits them."""
+    import socket
+
+    from zeo.rpc import Outbox
+    from zeo.wire import frame
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outbox = Outbox(ours, "test")
+    per_thread = 400
+
+    def put_many(number):
+        for index in range(per_thread):
+            body = b"%d:%d:" % (number, index) + b"x" * (index * 37 % 3000)
+            outbox.put(frame(body), wake_writer=index % 3 == 0)
+            if index % 2:
+                outbox.send_pending()
+
+    threads = [threading.Thread(target=put_many, args=(number,))
+               for number in range(3)]
+    for thread in threads:
+        thread.start()
+    received = _read_frames(theirs, 3 * per_thread)
+    for thread in threads:
+        thread.join()
+    assert len(received) == 3 * per_thread
+    for number in range(3):
+        indexes = [int(body.split(b":")[1]) for body in received
+                   if body.startswith(b"%d:" % number)]
+        assert indexes == list(range(per_thread))
+    assert outbox.pending == 0
+    started = time.monotonic()
+    outbox.close()
+    assert time.monotonic() - started < 4
+    ours.close()
+    theirs.close()
+
+
+def test_outbox_close_during_a_drain_does_not_wait_for_the_timeout():
+    import socket
+
+    from zeo.rpc import Outbox
+    from zeo.wire import frame
+
+    ours, theirs = socket.socketpair()
+    outbox = Outbox(ours, "test")
+    outbox.put(frame(b"one"), wake_writer=False)
+    real_sock = outbox._sock
+
+    class SlowSocket:
+        """Lets close() run while send_pending owns the queue."""
+
+        def sendmsg(self, *args):
+            closer = threading.Thread(target=outbox.close)
+            closer.start()
+            time.sleep(0.2)
+            self.closer = closer
+            return real_sock.sendmsg(*args)
+
+    slow = outbox._sock = SlowSocket()
+    outbox.send_pending()
+    started = time.monotonic()
+    slow.closer.join(10)
+    assert time.monotonic() - started < 3
+    assert _read_frames(theirs, 1) == [b"one"]
+    ours.close()
+    theirs.close()

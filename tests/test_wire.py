@@ -7,6 +7,7 @@ encoder and decoder), never as code under test.
 
 import datetime
 import decimal
+import io
 import math
 import os
 import pickle
@@ -95,6 +96,15 @@ def test_incomplete_frame_stays_buffered():
     assert reader.feed(b"e\0\0") == [b"abcde"]
     assert reader.feed(b"\0\x01!") == [b"!"]
     assert reader.buffered == 0
+
+
+def test_payload_arriving_after_its_length_word_is_not_read_as_a_frame():
+    reader = wire.FrameReader()
+    assert reader.feed(b"\0\0\0\x08") == []
+    assert reader.buffered == 0  # only the expected length is kept
+    assert reader.feed(b"\0\0\0\x04abcd") == [b"\0\0\0\x04abcd"]
+    assert reader.feed(memoryview(bytearray(b"\0\0\0\x02hi"))) == [b"hi"]
+    assert type(reader.feed(b"\0\0\0\x01!")[0]) is bytes
 
 
 @quick
@@ -591,6 +601,255 @@ def test_shared_reference_bomb_is_handled_in_bounded_time(payload):
         pytest.fail("decoding a %d-byte message ran for more than 20 s"
                     % len(payload))
     assert result.stdout.strip() == "done", result.stderr[-2000:]
+
+
+# --- the quick decoding path -------------------------------------------------
+#
+# `PickleCodec.decode` skips the restricted unpickler for a pickle whose
+# quick opcode walk finds nothing that resolves a global or calls anything
+# (and no memo get or DUP).  These tests prove that such a pickle decodes
+# exactly as through the restricted unpickler, and that no pickle with a
+# global or a call ever takes that path.
+
+#: Opcodes that resolve a global or call something (pickletools' table).
+CALLING_OPCODES = frozenset([
+    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ",
+    "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"])
+#: The opcodes that can reference a value a second time.
+SHARING_OPCODES = frozenset(["DUP", "GET", "BINGET", "LONG_BINGET"])
+
+
+def _opcode_names(payload):
+    """The opcodes of a well-formed pickle that ends at its STOP, or None."""
+    names = []
+    try:
+        for opcode, _arg, position in pickletools.genops(payload):
+            names.append(opcode.name)
+    except Exception:
+        return None
+    if not names or names[-1] != "STOP" or position + 1 != len(payload):
+        return None
+    return names
+
+
+def test_every_calling_opcode_is_known_to_the_walk():
+    known = {opcode.name for opcode in pickletools.opcodes}
+    assert CALLING_OPCODES <= known
+    assert wire._CALLING_OPCODES == CALLING_OPCODES
+    for opcode in pickletools.opcodes:
+        step = wire._SHAPE_STEPS[ord(opcode.code)]
+        if opcode.name in CALLING_OPCODES:
+            assert step in (0, wire._CALLING, wire._TEXT_PAIR), opcode.name
+        if opcode.name in SHARING_OPCODES:
+            assert step == 0, opcode.name
+
+
+def _pickled(message, protocol, fast):
+    output = io.BytesIO()
+    pickler = pickle.Pickler(output, protocol)
+    pickler.fast = fast
+    pickler.dump(message)
+    return output.getvalue()
+
+
+@quick
+@given(msgid=msgids(), flag=flags(), name=st.text(max_size=30),
+       args=st.lists(pickle_values(), max_size=5).map(tuple),
+       protocol=st.sampled_from([3, 4, 5]), fast=st.booleans())
+def test_quick_and_restricted_decoding_agree(msgid, flag, name, args,
+                                             protocol, fast):
+    message = (msgid, flag, name, args)
+    payload = _pickled(message, protocol, fast)
+    codec = wire.PickleCodec()
+    decoded = codec.decode(payload)
+    wire.check_pickle_shape(payload)
+    restricted = codec._decode_restricted(payload)
+    assert type(decoded) is type(restricted) is wire.Message
+    assert typed(tuple(decoded)) == typed(tuple(restricted)) == typed(message)
+    if fast:  # how ZEO peers pickle: plain values take the quick path
+        assert wire._pickle_shape(payload) == wire._CALL_FREE
+
+
+@pytest.mark.parametrize("message", TYPICAL_MESSAGES)
+def test_typical_messages_take_the_quick_path(message, monkeypatch):
+    codec = wire.PickleCodec()
+    payload = codec.encode(*message)
+    assert wire._pickle_shape(payload) == wire._CALL_FREE
+    monkeypatch.setattr(codec, "_decode_restricted", None)  # unreachable
+    assert typed(tuple(codec.decode(payload))) == typed(message)
+
+
+def _hand_made_calls():
+    """Pickles with each calling opcode, built as an attacker would."""
+    def ping(args):
+        return _ping(args + b"\x85")
+    builtin_set = b"cbuiltins\nset\n"
+    return {
+        "GLOBAL+REDUCE": ping(builtin_set + b")R"),
+        "STACK_GLOBAL": ping(b"X\x08\x00\x00\x00builtinsX\x03\x00\x00\x00set"
+                             b"\x93)R"),
+        "INST": ping(b"(ibuiltins\nset\n"),
+        "OBJ": ping(b"(" + builtin_set + b"o"),
+        "NEWOBJ": ping(builtin_set + b")\x81"),
+        "NEWOBJ_EX": ping(builtin_set + b")}\x92"),
+        "BUILD": ping(builtin_set + b")R}b"),
+        "EXT1": ping(b"\x82\x01"),
+        "EXT2": ping(b"\x83\x01\x00"),
+        "EXT4": ping(b"\x84\x01\x00\x00\x00"),
+        "PERSID": ping(b"Pfoo\n"),
+        "BINPERSID": ping(b"X\x03\x00\x00\x00fooQ"),
+        "forbidden GLOBAL": forbidden_global_pickle("os", "system", "true"),
+        "forbidden STACK_GLOBAL": forbidden_global_pickle(
+            "os", "system", "true", stack_global=True),
+        "set, protocol 3": pickle.dumps((1, False, "x", ({1},)), 3),
+        "complex, protocol 4": pickle.dumps((1, False, "x", (1 + 2j,)), 4),
+        "datetime": pickle.dumps(
+            (1, False, "x", (datetime.datetime(2026, 1, 1),)), 3),
+        "zodbpickle.binary": _ping(b"czodbpickle\nbinary\nC\x03abc\x85R\x85"),
+    }
+
+
+HAND_MADE_CALLS = _hand_made_calls()
+
+
+@pytest.mark.parametrize("payload", HAND_MADE_CALLS.values(),
+                         ids=HAND_MADE_CALLS.keys())
+def test_a_pickle_with_a_global_or_call_never_takes_the_quick_path(
+        payload, monkeypatch):
+    names = _opcode_names(payload)
+    assert names is not None and CALLING_OPCODES & set(names)
+    assert wire._pickle_shape(payload) != wire._CALL_FREE
+    plain_loads = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(wire.pickle, "loads", lambda *args, **kwargs: (
+        plain_loads.append(args), real_loads(*args, **kwargs))[1])
+    try:
+        wire.PickleCodec().decode(payload)
+    except wire.ProtocolError:
+        pass
+    assert plain_loads == []
+    # The spy does see the quick path:
+    plain = wire.PickleCodec().encode(*TYPICAL_MESSAGES[2])
+    wire.PickleCodec().decode(plain)
+    assert plain_loads == [(plain,)]
+
+
+def _opcode_argument(draw, opcode):
+    """Draw a well-formed argument for `opcode`."""
+    arg = opcode.arg
+    if arg is None:
+        return b""
+    if arg.n >= 0:
+        return draw(st.binary(min_size=arg.n, max_size=arg.n))
+    if arg.n == pickletools.UP_TO_NEWLINE:
+        if arg.name == "stringnl_noescape_pair":
+            return b"builtins\nset\n"
+        if arg.name in ("stringnl", "stringnl_noescape"):
+            return b"'abc'\n" if arg.name == "stringnl" else b"abc\n"
+        if arg.name == "unicodestringnl":
+            return b"abc\n"
+        return str(draw(st.integers(0, 300))).encode() + b"\n"
+    if "unicode" in arg.name:
+        data = draw(st.text(max_size=6)).encode("utf-8")
+    else:
+        data = draw(st.binary(max_size=6))
+    width = {pickletools.TAKEN_FROM_ARGUMENT1: 1,
+             pickletools.TAKEN_FROM_ARGUMENT4: 4,
+             pickletools.TAKEN_FROM_ARGUMENT4U: 4,
+             pickletools.TAKEN_FROM_ARGUMENT8U: 8}[arg.n]
+    return len(data).to_bytes(width, "little") + data
+
+
+@st.composite
+def opcode_streams(draw):
+    """Opcode sequences with well-formed arguments, usually ending at STOP,
+    sometimes followed by more bytes: pickles a fuzzer would send."""
+    plain = [opcode for opcode in pickletools.opcodes
+             if opcode.name not in CALLING_OPCODES | SHARING_OPCODES
+             and opcode.name != "STOP" and (
+                 opcode.arg is None
+                 or opcode.arg.n != pickletools.UP_TO_NEWLINE)]
+    chosen = draw(st.lists(st.sampled_from(plain), max_size=12))
+    suspects = [opcode for opcode in pickletools.opcodes
+                if opcode.name in CALLING_OPCODES | SHARING_OPCODES]
+    anything = st.sampled_from(suspects) | st.sampled_from(pickletools.opcodes)
+    for _ in range(draw(st.integers(0, 2))):  # anywhere
+        chosen.insert(draw(st.integers(0, len(chosen))), draw(anything))
+    payload = b"".join(opcode.code.encode("latin-1")
+                       + _opcode_argument(draw, opcode) for opcode in chosen)
+    return payload + draw(st.sampled_from([b".", b".", b".", b"", b".N",
+                                           b".."]))
+
+
+@settings(max_examples=600, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(payload=opcode_streams())
+def test_quick_walk_vouches_only_for_plain_call_free_pickles(payload):
+    shape = wire._pickle_shape(payload)
+    names = _opcode_names(payload)
+    if shape == wire._CALL_FREE:
+        assert names is not None
+        assert not CALLING_OPCODES & set(names)
+    if shape:  # _PLAIN or _CALL_FREE: shape checks may be skipped
+        assert names is not None
+        assert not SHARING_OPCODES & set(names)
+        assert len(names) <= wire._PLAIN_OPCODE_LIMIT
+    try:
+        wire.PickleCodec().decode(payload)
+    except wire.ProtocolError:
+        pass
+
+
+def test_quick_walk_vouches_for_nothing_past_its_opcode_limit():
+    values = list(range(wire._PLAIN_OPCODE_LIMIT))
+    payload = wire.PickleCodec().encode(1, False, "x", (values,))
+    assert wire._pickle_shape(payload) == wire._LOOK_CLOSER
+    assert wire.PickleCodec().decode(payload).args == (values,)
+
+
+def test_quick_walk_needs_the_stop_at_the_end():
+    payload = wire.PickleCodec().encode(1, False, "ping", ())
+    assert wire._pickle_shape(payload) == wire._CALL_FREE
+    for suffix in (b"N", b".", b"\x80"):
+        assert wire._pickle_shape(payload + suffix) == wire._LOOK_CLOSER
+    assert wire._pickle_shape(payload[:-1]) == wire._LOOK_CLOSER
+
+
+def test_globals_do_not_prevent_the_shape_shortcut():
+    payload = pickle.dumps((1, False, "x", ({1, 2}, b"\x00" * 5000)), 3)
+    assert len(payload) > wire._UNSCANNED_PAYLOAD
+    assert wire._pickle_shape(payload) == wire._PLAIN
+    assert wire.PickleCodec().decode(payload).args == ({1, 2}, b"\x00" * 5000)
+
+
+def test_one_codec_encodes_from_many_threads_at_once():
+    codec = wire.PickleCodec()
+    failures = []
+
+    def encode_many(number):
+        for index in range(300):
+            message = (number, False, "x", (b"%d" % number * index, index))
+            payload = codec.encode(*message)
+            if tuple(pickle.loads(payload)) != message:
+                failures.append(message)
+
+    threads = [threading.Thread(target=encode_many, args=(number,))
+               for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_an_encoding_that_fails_leaves_the_codec_usable():
+    codec = wire.PickleCodec()
+    kept = codec.encode(1, False, "x", (b"y" * 1000,))
+    with pytest.raises(Exception):
+        codec.encode(2, False, "x", (b"z" * 3000, lambda: None))
+    assert codec.encode(3, False, "x", ()) == _pickled(
+        (3, False, "x", ()), 3, fast=True)
+    assert pickle.loads(kept) == (1, False, "x", (b"y" * 1000,))
 
 
 # --- malformed payloads ------------------------------------------------------

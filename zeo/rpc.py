@@ -62,9 +62,11 @@ class Outbox:
     def put(self, data, wake_writer=True):
         """Queue one encoded frame.  Returns False if it was dropped.
 
-        The connection's own thread passes `wake_writer=False` and calls
-        `send_pending` right after: waking the writer for bytes that are
-        about to leave anyway would cost two thread switches per reply.
+        A thread that calls `send_pending` soon after (the connection's own
+        thread, once its call has left the publication lock; a committer,
+        for the invalidations it queued) passes `wake_writer=False`: waking
+        the writer for bytes that are about to leave anyway would cost two
+        thread switches per reply.
         """
         with self._lock:
             if self._closing:
@@ -92,43 +94,58 @@ class Outbox:
 
         Called by the connection's own thread after it queued a reply: the
         common case (an empty queue and a socket with room) then needs no
-        thread switch at all.  What does not fit is left to the writer.
+        thread switch at all, and takes the lock twice: to claim the queue
+        with its first batch, and to give it back.  What does not fit is
+        left to the writer.
         """
-        with self._lock:
+        if not self._frames:
+            # Nothing to do without the lock: what this thread queued is
+            # visible to it, and whoever queues concurrently sends or
+            # wakes the writer itself (after a one-way call, say).
+            return
+        lock = self._lock
+        with lock:
             if self._draining or not self._frames or self._closing:
                 return
             self._draining = True
+            batch, size = self._take_batch()
         while True:
-            with self._lock:
-                batch = self._take_batch()
             try:
                 sent = self._sock.sendmsg(batch, (), _NONBLOCKING)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                sent = sum(map(len, batch))  # the reader sees the broken
-                # socket and cleans up
-            unsent = _unsent(batch, sent)
-            with self._lock:
-                if unsent or not self._frames:
-                    self._frames.extendleft(reversed(unsent))
-                    self._pending += sum(map(len, unsent))
+                sent = size  # the reader sees the broken socket and cleans up
+            with lock:
+                if sent < size or not self._frames:
+                    if sent < size:
+                        self._frames.extendleft(
+                            reversed(_unsent(batch, sent)))
+                        self._pending += size - sent
                     self._draining = False
-                    if self._frames:
-                        self._wakeup.notify()
+                    if self._frames or self._closing:
+                        self._wakeup.notify()  # the writer's turn
                     return
+                batch, size = self._take_batch()
 
     def _take_batch(self):
         """Remove up to _BATCH_FRAMES frames from the queue (lock held).
 
-        Sent together with one `sendmsg`, so nothing is ever copied to
-        join frames, however much is queued.
+        Returns them and their total size.  They are sent together with
+        one `sendmsg`, so nothing is ever copied to join frames, however
+        much is queued.
         """
         frames = self._frames
+        if len(frames) == 1:
+            frame = frames.popleft()
+            size = len(frame)
+            self._pending -= size
+            return [frame], size
         batch = [frames.popleft()
                  for _ in range(min(len(frames), _BATCH_FRAMES))]
-        self._pending -= sum(map(len, batch))
-        return batch
+        size = sum(map(len, batch))
+        self._pending -= size
+        return batch, size
 
     def _write_loop(self):
         while True:
@@ -141,7 +158,7 @@ class Outbox:
                 if self._closed:
                     return
                 self._draining = True
-                batch = self._take_batch()
+                batch, _size = self._take_batch()
             try:
                 while batch:
                     batch = _unsent(batch, self._sock.sendmsg(batch))

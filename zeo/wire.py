@@ -16,6 +16,7 @@ import reprlib
 import pickle
 import pickletools
 import struct
+import threading
 
 #: Handshake identifiers: encoding letter + protocol version.
 PICKLE_PROTOCOL = b"Z5"
@@ -70,6 +71,12 @@ class FrameReader:
     def feed(self, data):
         """Add received bytes; return the list of complete payloads."""
         buffer = self._buffer
+        if not buffer and self._needed is None and len(data) >= 4:
+            # The common case, one whole frame and nothing left over: its
+            # payload is copied once, and nothing is buffered.
+            (length,) = _LENGTH.unpack_from(data)
+            if len(data) == 4 + length and length <= self.max_frame_size:
+                return [bytes(data[4:])]
         buffer += data
         payloads = []
         start = 0
@@ -138,15 +145,25 @@ def check_pickle_shape(payload):
     tuple of 2**60 leaves that hashing, as a dict key or set member, or
     encoding walks for ever) and very deep nesting (hashing a tuple a
     million levels deep overflows the C stack).  Legitimate messages share
-    at most strings, numbers and globals, and nest a few levels.  Small
+    at most strings, numbers and globals, and nest a few levels.  A
+    pickle of few opcodes and no memo get or DUP (what every ZEO peer
+    sends) is recognised by a quick walk over its opcodes, and small
     payloads with no memo-get byte at all are safe without looking
-    further, which keeps the common case cheap.
+    further; only the rest is simulated opcode by opcode.
     """
-    if len(payload) < _UNSCANNED_PAYLOAD and not any(
-            opcode in payload for opcode in _MEMO_GET_BYTES):
-        return
-    if _plainly_shaped(payload):
-        return
+    if not _pickle_shape(payload):
+        _check_closely(payload)
+
+
+def _check_closely(payload):
+    """`check_pickle_shape` for a payload `_pickle_shape` could not vouch
+    for."""
+    if not isinstance(payload, (bytes, bytearray)):
+        payload = bytes(payload)  # `in` must search bytes, not items
+    if len(payload) < _UNSCANNED_PAYLOAD and (
+            b"2" not in payload and b"g" not in payload
+            and b"h" not in payload and b"j" not in payload):
+        return  # none of _MEMO_GET_BYTES
     stack = []  # (depth, shareable) of each value on the simulated stack
     marks = []
     memo = {}
@@ -174,65 +191,117 @@ def check_pickle_shape(payload):
         raise ProtocolError("malformed pickle: %s" % error) from None
 
 
-def _opcode_skips():
-    """For each opcode byte: how to step over its argument.
+#: Opcodes that resolve a global or call something: whatever they name or
+#: build can only come from the restricted unpickler.
+_CALLING_OPCODES = frozenset([
+    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ",
+    "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"])
+#: Opcodes the quick walk leaves to the full scan: memo gets and DUP (the
+#: only way to share a value), refused opcodes, protocol 5 out-of-band
+#: buffers, and text-argument opcodes other than GLOBAL and INST.
+_UNWALKED_OPCODES = (_MEMO_GETS | _REFUSED_OPCODES
+                     | frozenset(["DUP", "NEXT_BUFFER", "READONLY_BUFFER"]))
 
-    `("fixed", n)` or `("counted", width)` (a little-endian length of
-    `width` bytes, then that many bytes); opcodes missing from the table
-    (memo gets, DUP, text-argument opcodes, anything refused) are left to
-    the full scan.
-    """
-    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1,
-              pickletools.TAKEN_FROM_ARGUMENT4: 4,
-              pickletools.TAKEN_FROM_ARGUMENT4U: 4,
-              pickletools.TAKEN_FROM_ARGUMENT8U: 8}
-    table = {}
+#: Results of `_pickle_shape`.
+_LOOK_CLOSER = 0
+#: Few opcodes, no memo get or DUP, but globals or calls.
+_PLAIN = 1
+#: As _PLAIN, and nothing resolved or called: plain `pickle.loads` is safe.
+_CALL_FREE = 2
+
+#: `_SHAPE_STEPS[opcode byte]`: how the quick walk steps over the opcode.
+#: A positive value is the opcode's whole length; the negative codes below
+#: say how to find it; 0 sends the payload to the full scan.
+_COUNTED1, _COUNTED4, _COUNTED8 = -1, -4, -8  # little-endian length first
+_CALLING = -20  # a calling opcode without argument
+_TEXT_PAIR = -21  # GLOBAL or INST: two newline-terminated names
+_STOP_STEP = -22
+
+
+def _shape_steps():
+    counted = {pickletools.TAKEN_FROM_ARGUMENT1: _COUNTED1,
+               pickletools.TAKEN_FROM_ARGUMENT4: _COUNTED4,
+               pickletools.TAKEN_FROM_ARGUMENT4U: _COUNTED4,
+               pickletools.TAKEN_FROM_ARGUMENT8U: _COUNTED8}
+    steps = [0] * 256
     for opcode in pickletools.opcodes:
-        if opcode.name in _REFUSED_OPCODES or opcode.name in _MEMO_GETS \
-                or opcode.name == "DUP":
-            continue
+        name = opcode.name
         code = ord(opcode.code)
-        if opcode.arg is None:
-            table[code] = ("fixed", 0)
+        if name in _UNWALKED_OPCODES:
+            continue
+        if name == "STOP":
+            steps[code] = _STOP_STEP
+        elif name in ("GLOBAL", "INST"):
+            steps[code] = _TEXT_PAIR
+        elif name in _CALLING_OPCODES:
+            assert opcode.arg is None, name
+            steps[code] = _CALLING
+        elif opcode.arg is None:
+            steps[code] = 1
         elif opcode.arg.n >= 0:
-            table[code] = ("fixed", opcode.arg.n)
-        elif opcode.arg.n in widths:
-            table[code] = ("counted", widths[opcode.arg.n])
-    return table
+            steps[code] = 1 + opcode.arg.n
+        elif opcode.arg.n in counted:
+            steps[code] = counted[opcode.arg.n]
+    return steps
 
 
-_OPCODE_SKIPS = _opcode_skips()
-_STOP = ord(".")
+_SHAPE_STEPS = _shape_steps()
 #: A pickle of at most this many opcodes cannot nest deep enough to hurt.
 _PLAIN_OPCODE_LIMIT = 4096
+_OPCODE_BUDGET = range(_PLAIN_OPCODE_LIMIT)
+_unpack_u32 = struct.Struct("<I").unpack_from
+_unpack_u64 = struct.Struct("<Q").unpack_from
 
 
-def _plainly_shaped(payload):
-    """True if the pickle has neither memo gets nor DUP and is short in
-    opcodes (so it cannot nest dangerously deep): the shape of every
-    message a ZEO peer pickles in "fast" mode.  Walks the opcodes only,
-    skipping their arguments (object records are one opcode each), so it
-    costs a few microseconds.  False means "look closer", not "refuse".
+def _pickle_shape(payload):
+    """Classify a message pickle in one quick walk over its opcodes.
+
+    `_PLAIN` if it has neither memo gets nor DUP and is short in opcodes
+    (so it cannot nest dangerously deep) and ends exactly at its STOP:
+    the shape of every message a ZEO peer pickles in "fast" mode.
+    `_CALL_FREE` if moreover no opcode resolves a global or calls
+    anything, as in almost every message: such a pickle can only build
+    plain values, so `pickle.loads` decodes it exactly as the restricted
+    unpickler would.  `_LOOK_CLOSER` (false) means "look closer", not
+    "refuse".  Arguments are skipped, not read (an object record is one
+    opcode), so a message costs about a microsecond.
     """
-    position, end, count = 0, len(payload), 0
-    skips = _OPCODE_SKIPS
-    while position < end and count < _PLAIN_OPCODE_LIMIT:
-        code = payload[position]
-        count += 1
-        skip = skips.get(code)
-        if skip is None:
-            return False
-        kind, size = skip
-        position += 1
-        if kind == "counted":
-            length = int.from_bytes(payload[position:position + size],
-                                    "little")
-            position += size + length
-        else:
-            position += size
-        if code == _STOP:
-            return position == end
-    return False
+    steps = _SHAPE_STEPS
+    position = 0
+    calls = False
+    try:
+        for _ in _OPCODE_BUDGET:
+            step = steps[payload[position]]
+            if step > 0:
+                position += step
+            elif step == _COUNTED1:
+                position += 2 + payload[position + 1]
+            elif step == _COUNTED4:
+                position += 5 + _unpack_u32(payload, position + 1)[0]
+            elif step == _STOP_STEP:
+                if position + 1 != len(payload):
+                    return _LOOK_CLOSER
+                return _PLAIN if calls else _CALL_FREE
+            elif step == _CALLING:
+                calls = True
+                position += 1
+            elif step == _TEXT_PAIR:
+                calls = True
+                position = _after_text_pair(payload, position)
+            elif step == _COUNTED8:
+                position += 9 + _unpack_u64(payload, position + 1)[0]
+            else:
+                return _LOOK_CLOSER
+    except (IndexError, ValueError, struct.error):  # truncated: the full
+        pass  # scan says how
+    return _LOOK_CLOSER
+
+
+def _after_text_pair(payload, position):
+    """Where the GLOBAL or INST opcode at `position` ends."""
+    if not isinstance(payload, (bytes, bytearray)):
+        payload = bytes(payload)
+    return payload.index(b"\n", payload.index(b"\n", position + 1) + 1) + 1
 
 
 def _simulate(opcode, stack, marks):
@@ -383,16 +452,46 @@ class PickleCodec:
         self._unpickler = type(
             "Unpickler", (_RestrictedUnpickler,),
             {"allowed": dict(allowed_globals)})
+        # One pickler kept for the common case: making a pickler costs
+        # more than pickling a typical message.  Several threads encode
+        # for one connection (replies, other committers' invalidations):
+        # whoever finds it busy makes its own.
+        self._kept_lock = threading.Lock()
+        self._kept = _new_pickler()
 
     def encode(self, msgid, flag, name, args):
-        output = io.BytesIO()
-        pickler = pickle.Pickler(output, _PICKLE_PROTOCOL_NUMBER)
-        pickler.fast = True  # no memo: peers may refuse memo references
-        pickler.dump((msgid, flag, name, args))
-        return output.getvalue()
+        if not self._kept_lock.acquire(False):
+            return _pickle_message((msgid, flag, name, args))
+        try:
+            output, pickler = self._kept
+            output.seek(0)
+            output.truncate()
+            pickler.dump((msgid, flag, name, args))
+            return output.getvalue()
+        except BaseException:
+            self._kept = _new_pickler()  # never reuse an interrupted one
+            raise
+        finally:
+            self._kept_lock.release()
 
     def decode(self, payload):
-        check_pickle_shape(payload)
+        shape = _pickle_shape(payload)
+        if shape == _CALL_FREE:
+            # Nothing to resolve, nothing to call: the restricted
+            # unpickler would build exactly what plain loads builds.
+            try:
+                value = pickle.loads(payload, encoding="bytes")
+            except Exception as exc:
+                raise ProtocolError(
+                    "cannot decode message %s: %s"
+                    % (short_repr(bytes(payload[:40])), exc)) from None
+            return _as_message(value)
+        if not shape:
+            _check_closely(payload)
+        return self._decode_restricted(payload)
+
+    def _decode_restricted(self, payload):
+        """Decode a message that may name globals (shape checked)."""
         unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
         unpickler.refused = []
         try:
@@ -407,14 +506,32 @@ class PickleCodec:
         return message
 
 
+def _new_pickler():
+    """An output buffer and the pickler that writes messages into it."""
+    output = io.BytesIO()
+    pickler = pickle.Pickler(output, _PICKLE_PROTOCOL_NUMBER)
+    pickler.fast = True  # no memo: peers may refuse memo references
+    return output, pickler
+
+
+def _pickle_message(message):
+    output, pickler = _new_pickler()
+    pickler.dump(message)
+    return output.getvalue()
+
+
 def _as_message(value):
     if type(value) is not tuple or len(value) != 4:
         raise ProtocolError(
             "message is not a 4-tuple: %s" % short_repr(value))
-    msgid, flag, name, args = value
-    if type(name) is not str:
-        raise ProtocolError("method name is not a str: %s" % short_repr(name))
-    return Message(msgid, flag, name, args)
+    if type(value[2]) is not str:
+        raise ProtocolError(
+            "method name is not a str: %s" % short_repr(value[2]))
+    return _new_message(Message, value)
+
+
+#: `Message(*value)` for a checked 4-tuple, without a Python-level call.
+_new_message = tuple.__new__
 
 
 # --- msgpack encoding ----------------------------------------------------

@@ -21,6 +21,8 @@ from zeo.server.session import DEFERRED, Reply, Session, run_handoffs
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+#: A call whose publication lock depends on its arguments (`register`).
+_BY_ARGUMENTS = object()
 
 
 class ServerConnection:
@@ -45,13 +47,22 @@ class ServerConnection:
     # -- the channel interface used by the session ----------------------------
 
     def reply(self, msgid, outcome):
-        """Queue the reply to `msgid` and send it if the socket has room."""
+        """Queue the reply to `msgid` and send it if the socket has room.
+
+        Any thread may call this (a parked vote granted elsewhere, the
+        pack worker).
+        """
+        self._queue_reply(msgid, outcome)
+        self.outbox.send_pending()
+
+    def _queue_reply(self, msgid, outcome):
+        """Queue the reply to `msgid`; whoever calls this sends it (the
+        connection's thread does once the call's locks are released)."""
         if outcome.error is not None:
             data = wire.encode_error_reply(self.codec, msgid, outcome.error)
         else:
             data = self._encode_reply(msgid, outcome.value)
         self.outbox.put(wire.frame(data), wake_writer=False)
-        self.outbox.send_pending()
 
     def push(self, method, args, wake_writer=True):
         """Queue a one-way call to the client (invalidations, info).
@@ -137,45 +148,64 @@ class ServerConnection:
         self._close_reason = "ruok answered"
 
     def _handle(self, payload):
-        """Run one message.  Returns False when the connection must end."""
+        """Run one message.  Returns False when the connection must end.
+
+        The reply is queued under the call's publication lock, if any, and
+        sent once that lock is released: a send gives up the GIL, and
+        other connections' loads must not wait for it on the lock.
+        """
         try:
-            message = self.codec.decode(payload)
+            msgid, flag, name, args = self.codec.decode(payload)
         except wire.RefusedGlobals as refused:
             return self._handle_refused(refused)
-        msgid, flag, name, args = message
         if msgid == wire.HEARTBEAT_MSGID:
             return True
         session = self.session
-        method = session.lookup(name)
-        if method is None:
-            logger.error("(%s) invalid method %s; closing", self.label,
-                         wire.short_repr(name))
-            self._close_reason = "invalid method"
-            return False
+        entry = session.calls.get(name)
+        if entry is None:
+            method = session.lookup(name)
+            if method is None:
+                logger.error("(%s) invalid method %s; closing", self.label,
+                             wire.short_repr(name))
+                self._close_reason = "invalid method"
+                return False
+            publication = _BY_ARGUMENTS
+        else:
+            method, publication = entry
         oneway = bool(flag)
         if not isinstance(args, (tuple, list)):
-            return self._fail(msgid, oneway, name, TypeError(
+            keep = self._fail(msgid, oneway, name, TypeError(
                 "arguments of %s must be a sequence" % name))
+            self.outbox.send_pending()
+            return keep
         session.current_msgid = msgid
-        publication = session.publication_lock(name, args)
-        if publication is not None:
+        if publication is _BY_ARGUMENTS:
+            publication = session.publication_lock(name, args)
+        if publication is None:
+            keep = self._call(method, msgid, oneway, name, args)
+        else:
             with publication:
-                return self._call(method, msgid, oneway, name, args)
-        return self._call(method, msgid, oneway, name, args)
+                keep = self._call(method, msgid, oneway, name, args)
+        self.outbox.send_pending()
+        return keep
 
     def _call(self, method, msgid, oneway, name, args):
+        """Run a call and queue its reply (the caller sends it)."""
         try:
             result = method(*args)
         except Exception as error:
             return self._fail(msgid, oneway, name, error)
         if isinstance(result, Reply):
             if not oneway:
-                self.reply(msgid, result)
-            run_handoffs(result.after)
+                self._queue_reply(msgid, result)
+            if result.after is not None:
+                self.outbox.send_pending()  # our reply before the next vote's
+                run_handoffs(result.after)
             if oneway and result.error is not None:
                 return self._fail(msgid, oneway, name, result.error)
         elif not oneway and result is not DEFERRED:
-            self.reply(msgid, Reply(result))
+            self.outbox.put(wire.frame(self._encode_reply(msgid, result)),
+                            wake_writer=False)
         return True
 
     def _fail(self, msgid, oneway, name, error):
@@ -187,7 +217,7 @@ class ServerConnection:
             self._close_reason = "failed one-way call"
             return False
         self.session.log_error(name, error)
-        self.reply(msgid, Reply(error=error))
+        self._queue_reply(msgid, Reply(error=error))
         return True
 
     def _handle_refused(self, refused):

@@ -91,10 +91,15 @@ class Session:
         self._last_transaction_seen = {}
         self._iterator_ids = itertools.count()
         self.current_msgid = None
+        #: `name -> (bound method, publication lock or None)` of every call
+        #: allowed once registered (filled by `register`): the connection's
+        #: dispatch without a lookup per message.
+        self.calls = {}
         #: What the client called itself (set_client_label), for the monitor.
         self.client_label = None
-        #: Per-client counters for the monitor.  Only the connection's own
-        #: thread increments them (loads and finishes run there).
+        #: Per-client counters for the monitor (and, summed, for
+        #: `server_status`).  Only the connection's own thread increments
+        #: them (loads and finishes run there), so they need no lock.
         self.loads = 0
         self.commits = 0
 
@@ -136,6 +141,10 @@ class Session:
             raise ReadOnlyError()
         self.read_only = self.read_only or bool(read_only)
         self.served = served
+        self.calls = {
+            name: (getattr(self, name),
+                   served.publication if name in PUBLISHED_READS else None)
+            for name in AFTER_REGISTER}
         self.log("registered on storage %r%s", storage_name,
                  " (read-only)" if self.read_only else "")
         return served.join(self)
@@ -180,9 +189,11 @@ class Session:
 
     def loadBefore(self, oid, tid):
         served = self.served
-        served.stats.add("loads")
         self.loads += 1
-        with served.access:
+        if served.serialized:
+            with served.access:
+                result = served.storage.loadBefore(oid, tid)
+        else:
             result = served.storage.loadBefore(oid, tid)
         if served.after_load_read is not None:
             served.after_load_read(self, oid)
@@ -358,7 +369,9 @@ class Session:
             outcome.after = self.served.commit_lock.release(self)
         if outcome.error is None:
             self.commits += 1
-            self.push("info", self.served.size_info())
+            # The connection's thread sends it with the reply, right after.
+            self.channel.push("info", (self.served.size_info(),),
+                              wake_writer=False)
             self.log("committed %s", outcome.value.hex(), level=logging.DEBUG)
         return outcome
 

@@ -36,7 +36,12 @@ THREAD_SAFE_STORAGES = (
 
 
 class Statistics:
-    """The counters of one storage, as `server_status` reports them."""
+    """The counters of one storage, as `server_status` reports them.
+
+    Loads are not counted here: each session counts its own (only its
+    connection's thread loads, so that counter needs no lock) and
+    `ServedStorage.status` adds them up.
+    """
 
     COUNTERS = ("loads", "stores", "commits", "aborts", "active_txns",
                 "conflicts", "conflicts_resolved")
@@ -137,11 +142,16 @@ class ServedStorage:
         #: Held while a pack runs: one pack per storage at a time.
         self.packing = threading.Lock()
         self.publication = threading.RLock()
-        if isinstance(storage, THREAD_SAFE_STORAGES):
-            self.access = contextlib.nullcontext()
-        else:
+        #: Whether calls into the storage must hold `access` (a hot path
+        #: may then skip even a no-op context manager).
+        self.serialized = not isinstance(storage, THREAD_SAFE_STORAGES)
+        if self.serialized:
             self.access = threading.RLock()
+        else:
+            self.access = contextlib.nullcontext()
         self.sessions = []
+        #: Loads of the sessions that left (see `loads`).
+        self._loads_of_gone_sessions = 0
         self._invalidations = collections.deque(
             maxlen=max(invalidation_queue_size, 1))
         self._fill_invalidation_queue()
@@ -178,6 +188,15 @@ class ServedStorage:
         with self.publication:
             if session in self.sessions:
                 self.sessions.remove(session)
+                self._loads_of_gone_sessions += session.loads
+
+    def loads(self):
+        """Loads served since start: those of the sessions that left and
+        those of the registered ones, counted together under the
+        publication lock, so a leaving session is counted exactly once."""
+        with self.publication:
+            return self._loads_of_gone_sessions + sum(
+                session.loads for session in self.sessions)
 
     def last_transaction(self):
         return self.storage.lastTransaction() or z64
@@ -292,6 +311,7 @@ class ServedStorage:
     def status(self, transaction_timeout_alive):
         """The `server_status` dictionary, with ZEO's exact keys."""
         status = self.stats.snapshot()
+        status["loads"] = self.loads()
         status["connections"] = len(self.sessions)
         status["lock_time"] = self.commit_lock.acquired_at
         status["waiting"] = self.commit_lock.waiting
