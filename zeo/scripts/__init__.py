@@ -18,6 +18,15 @@ from zeo import wire
 MAX_FRAME_SIZE = 16 * 1024 * 1024
 
 
+def positive_number(text):
+    """An argparse type: a number above zero (a size, an interval)."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("%s is not a positive number"
+                                         % text)
+    return value
+
+
 def parse_server_address(text):
     """The address to connect to for ``HOST:PORT``, ``PORT`` or a path.
 

@@ -22,6 +22,7 @@ import sys
 
 from zeo.client import trace
 from zeo.client.cache import RevisionCache, next_tid
+from zeo.scripts import positive_number
 from zeo.scripts.cache_stats import ratio, read_into, report_error
 
 MB = 2 ** 20
@@ -117,13 +118,6 @@ class _TracedLoads:
             self.hits += record.code in trace.HIT_CODES
 
 
-def megabytes(text):
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a cache size must be positive")
-    return value
-
-
 def build_argument_parser():
     parser = argparse.ArgumentParser(
         prog="python -m zeo.scripts.cache_simul",
@@ -131,7 +125,7 @@ def build_argument_parser():
                     "trace (ours or ZEO's; gzip'ed when named *.gz).")
     parser.add_argument("trace", help="the trace file")
     parser.add_argument(
-        "-s", "--size", type=megabytes, nargs="+", default=[20.0],
+        "-s", "--size", type=positive_number, nargs="+", default=[20.0],
         metavar="MB", help="cache sizes to simulate, in MB (default 20)")
     return parser
 

@@ -20,6 +20,7 @@ import sys
 import time
 
 from zeo.client import trace
+from zeo.scripts import positive_number
 
 #: Exit status for a trace that is missing or damaged.
 TRACE_ERROR = 2
@@ -146,13 +147,6 @@ def report_error(program, error):
     return TRACE_ERROR
 
 
-def minutes(text):
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the interval must be positive")
-    return value
-
-
 def build_argument_parser():
     parser = argparse.ArgumentParser(
         prog="python -m zeo.scripts.cache_stats",
@@ -160,7 +154,7 @@ def build_argument_parser():
                     "gzip'ed when named *.gz).")
     parser.add_argument("trace", help="the trace file")
     parser.add_argument(
-        "-i", "--interval", type=minutes, default=15.0, metavar="MINUTES",
+        "-i", "--interval", type=positive_number, default=15.0, metavar="MINUTES",
         help="length of the intervals of the table (default 15)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("-q", "--quiet", action="store_true",
