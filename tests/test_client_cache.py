@@ -39,9 +39,18 @@ TIDS = [p64(number) for number in range(1, 16)]
 
 
 def grid(cache):
-    """Every answer the cache gives for the oids and tids of these tests."""
-    return {(oid, tid): cache.load_before(oid, tid)
-            for oid in OIDS for tid in TIDS}
+    """Every answer the cache gives for the oids and tids of these tests,
+    and for the newest state (`load_current`, which must answer as
+    `load_before` just after the last tid)."""
+    answers = {(oid, tid): cache.load_before(oid, tid)
+               for oid in OIDS for tid in TIDS}
+    last = cache.last_tid()
+    for oid in OIDS:
+        current = cache.load_current(oid)
+        assert current == (None if last is None
+                           else cache.load_before(oid, next_tid(last)))
+        answers[oid, "current"] = current
+    return answers
 
 
 def same_state(model, cache):
@@ -73,6 +82,7 @@ operation = st.one_of(
     st.tuples(st.just("forget"), oids),
     st.tuples(st.just("set_last_tid"), tids),
     st.tuples(st.just("load_before"), oids, tids),
+    st.tuples(st.just("load_current"), oids),
     st.tuples(st.just("clear")),
 )
 

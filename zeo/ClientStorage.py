@@ -242,11 +242,9 @@ class ClientStorage(ConflictResolvingStorage):
 
     def load(self, oid, version=''):
         """`(data, tid)` of the current revision of `oid`."""
-        last = self._cache.last_tid()
-        if last is not None:
-            cached = self._cache.load_before(oid, next_tid(last))
-            if cached is not None:
-                return cached[:2]
+        cached = self._cache.load_current(oid)
+        if cached is not None:
+            return cached[:2]
         # No cached revision answers maxtid: ask the server directly.
         result = self._link.connection.load_before(
             oid, maxtid, apply=self._loaded(oid)).wait()

@@ -103,6 +103,15 @@ class RevisionIndex:
         """Whether the current revision of `oid` is held."""
         return oid in self._current
 
+    def find_current(self, oid, last_tid):
+        """The key of the current revision of `oid` if it answers a load
+        of the newest state known (as of `last_tid`), or None: the common
+        case of `find(oid, last_tid + 1, last_tid)`, without arithmetic."""
+        start = self._current.get(oid)
+        if start is None or last_tid is None or start > last_tid:
+            return None
+        return oid, start
+
     def find(self, oid, tid, last_tid):
         """The key of the revision that answers a load of `oid` before
         `tid`, given the last tid applied, or None."""
@@ -256,28 +265,48 @@ class RevisionCache:
         """`(data, start, end)` of the revision current before `tid`, or
         None when the cache cannot answer."""
         with self._lock:
-            key = self._index.find(oid, tid, self._last_tid)
-            if key is not None:
-                location, end = self._index.get(key)
-                data = self._load(location)
-                if data is not None:
-                    self._index.touch(key)
-                    if self._tracer is not None:
-                        self._tracer.record(
-                            trace.LOAD_HIT if end is None
-                            else trace.LOAD_BEFORE_HIT,
-                            oid, key[1], end, self._data_size(location))
-                    return data, key[1], end
-                self._drop(key)
-                self._after_change()
-            if self._tracer is not None:
-                self._trace_miss(oid, tid)
-            return None
+            return self._answer(
+                oid, tid, self._index.find(oid, tid, self._last_tid))
+
+    def load_current(self, oid):
+        """`load_before(oid, last_tid + 1)`: the newest revision of `oid`
+        the client knows of, as `ClientStorage.load` asks, taking the lock
+        once instead of twice.  None when there is no last tid yet."""
+        with self._lock:
+            last = self._last_tid
+            if last is None:
+                return self._answer(oid, None, None)
+            key = self._index.find_current(oid, last)
+            if key is None:
+                tid = next_tid(last)
+                return self._answer(oid, tid, self._index.find(oid, tid, last))
+            return self._answer(oid, None, key)
+
+    def _answer(self, oid, tid, key):
+        """The data of the entry `key` (None: a miss) answering a load of
+        `oid` before `tid` (None: the newest), lock held."""
+        if key is not None:
+            location, end = self._index.get(key)
+            data = self._load(location)
+            if data is not None:
+                self._index.touch(key)
+                if self._tracer is not None:
+                    self._tracer.record(
+                        trace.LOAD_HIT if end is None
+                        else trace.LOAD_BEFORE_HIT,
+                        oid, key[1], end, self._data_size(location))
+                return data, key[1], end
+            self._drop(key)
+            self._after_change()
+        if self._tracer is not None:
+            self._trace_miss(oid, tid)
+        return None
 
     def _trace_miss(self, oid, tid):
         """A miss is a load of current data when `tid` is past the last
         tid (as `ClientStorage.load` asks), else a load of older data."""
-        current = self._last_tid is None or tid > self._last_tid
+        current = self._last_tid is None or tid is None or \
+            tid > self._last_tid
         self._tracer.record(
             trace.LOAD_MISS if current else trace.LOAD_BEFORE_MISS,
             oid, None, tid)
