@@ -410,6 +410,19 @@ def test_an_interrupted_leader_ends_the_connection(raw_connection):
 
 
 @leading
+def test_garbage_read_by_a_leader_ends_the_connection(raw_connection):
+    server, connection, _recorder, closed = raw_connection
+    thread, outcome = start_call(connection, "test-caller", "getTid", p64(1))
+    server.wait_for("getTid")
+    wait_until_leading(connection)
+    server.sock.sendall(wire.frame(b"not a pickle"))
+    thread.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
+    assert "protocol error" in str(outcome[0])
+    assert closed.wait(5)
+
+
+@leading
 def test_closing_wakes_a_leader_and_stops_the_reader(raw_connection):
     server, connection, _recorder, closed = raw_connection
     thread, outcome = start_call(connection, "test-voter", "vote", 1)

@@ -347,7 +347,7 @@ class Connection:
         except Exception as error:
             reason = self._reading_failed(error)
         finally:
-            reason = reason or self._read_failure
+            reason = self._read_failure or reason  # a leader's comes first
             self._end(reason if reason and not self._closed
                       else self._close_reason)
 
