@@ -22,6 +22,7 @@ from ZODB.tests import IteratorStorage
 from ZODB.tests import MTStorage
 from ZODB.tests import PackableStorage
 from ZODB.tests import PersistentStorage
+from ZODB.tests import racetest
 from ZODB.tests import ReadOnlyStorage
 from ZODB.tests import RevisionStorage
 from ZODB.tests import StorageTestBase
@@ -46,7 +47,10 @@ CLIENT_TIMEOUT = 10
 RECONNECT_TIMEOUT = 20
 
 #: ZODB's storage conformance suites, as composed for every client/server
-#: pairing (StorageTestBase first: it is the TestCase they extend).
+#: pairing (StorageTestBase first: it is the TestCase they extend).  The
+#: race tests hammer loads against invalidations from other clients and
+#: disconnections (the bugs that made ZEO drop its threaded server); they
+#: need `_new_storage_client`, a second client of the same storage.
 STORAGE_CONFORMANCE_MIXINS = (
     StorageTestBase.StorageTestBase,
     BasicStorage.BasicStorage,
@@ -63,6 +67,7 @@ STORAGE_CONFORMANCE_MIXINS = (
     MTStorage.MTStorage,
     ReadOnlyStorage.ReadOnlyStorage,
     PersistentStorage.PersistentStorage,
+    racetest.RaceTests,
 )
 
 
