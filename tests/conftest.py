@@ -22,7 +22,6 @@ from ZODB.tests import IteratorStorage
 from ZODB.tests import MTStorage
 from ZODB.tests import PackableStorage
 from ZODB.tests import PersistentStorage
-from ZODB.tests import racetest
 from ZODB.tests import ReadOnlyStorage
 from ZODB.tests import RevisionStorage
 from ZODB.tests import StorageTestBase
@@ -47,8 +46,9 @@ CLIENT_TIMEOUT = 10
 RECONNECT_TIMEOUT = 20
 
 #: ZODB's storage conformance suites, as composed for every client/server
-#: pairing (StorageTestBase first: it is the TestCase they extend).  The
-#: race tests hammer loads against invalidations from other clients and
+#: pairing (StorageTestBase first: it is the TestCase they extend).
+#: BasicStorage brings ZODB's race tests (`ZODB.tests.racetest`), which
+#: hammer loads against invalidations from other clients and against
 #: disconnections (the bugs that made ZEO drop its threaded server); they
 #: need `_new_storage_client`, a second client of the same storage.
 STORAGE_CONFORMANCE_MIXINS = (
@@ -67,7 +67,6 @@ STORAGE_CONFORMANCE_MIXINS = (
     MTStorage.MTStorage,
     ReadOnlyStorage.ReadOnlyStorage,
     PersistentStorage.PersistentStorage,
-    racetest.RaceTests,
 )
 
 
