@@ -411,7 +411,7 @@ def test_writer_killed_mid_write_leaves_only_good_data(tmp_path, limit):
     assert not os.path.exists(path + ".tmp")
 
 
-# -- the index snapshot --------------------------------------------------------
+# -- the index snapshot ------------------------------------------------------
 
 SNAPSHOT_IGNORED = "index snapshot not used"
 

@@ -250,7 +250,7 @@ def _outcome(function, *args):
         return error
 
 
-# -- who reads: leading callers and the reader thread --------------------------
+# -- who reads: leading callers and the reader thread ------------------------
 
 leading = pytest.mark.skipif(not hasattr(select, "epoll"),
                              reason="callers lead only with epoll")

@@ -150,7 +150,8 @@ class Outbox:
     def _write_loop(self):
         while True:
             with self._lock:
-                while not self._closed and (self._draining or not self._frames):
+                while not self._closed and (self._draining
+                                            or not self._frames):
                     if self._closing and not self._draining:
                         self._closed = True
                         break

@@ -154,7 +154,8 @@ def build_argument_parser():
                     "gzip'ed when named *.gz).")
     parser.add_argument("trace", help="the trace file")
     parser.add_argument(
-        "-i", "--interval", type=positive_number, default=15.0, metavar="MINUTES",
+        "-i", "--interval", type=positive_number, default=15.0,
+        metavar="MINUTES",
         help="length of the intervals of the table (default 15)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("-q", "--quiet", action="store_true",

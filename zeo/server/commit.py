@@ -128,8 +128,8 @@ class Buffering:
                         if operation == "undo":
                             resolved_or_undone.extend(oids)
                 if not conflicts:
-                    resolved = self._storage_vote(storage, conflicts,
-                                                  conflict_resolution_by_client)
+                    resolved = self._storage_vote(
+                        storage, conflicts, conflict_resolution_by_client)
                 if conflicts:
                     storage.tpc_abort(self.metadata)
                     return list(conflicts.values())

@@ -87,7 +87,7 @@ class ServerConnection:
         except OSError:
             pass
 
-    # -- the connection's thread ------------------------------------------------
+    # -- the connection's thread --------------------------------------------
 
     def run(self):
         logger.info("(%s) connected", self.peer)

@@ -63,7 +63,8 @@ class _ConnectionTracking:
         for _connection, thread in live:
             thread.join(timeout)
             if thread.is_alive():
-                logger.warning("connection thread %s did not stop", thread.name)
+                logger.warning("connection thread %s did not stop",
+                               thread.name)
 
     def handle_error(self, request, client_address):
         logger.exception("error accepting %s", format_peer(client_address))

@@ -107,7 +107,8 @@ class Session:
 
     def lookup(self, name):
         """The bound method for a name callable now, or None."""
-        allowed = AFTER_REGISTER if self.served is not None else BEFORE_REGISTER
+        allowed = (AFTER_REGISTER if self.served is not None
+                   else BEFORE_REGISTER)
         if name not in allowed:
             return None
         return getattr(self, name)
@@ -255,11 +256,12 @@ class Session:
         with self._txn_lock:
             if self._txn is not None:
                 if self._txn.txn_id == txn_id:
-                    self.log("duplicate tpc_begin(%s) ignored", short_repr(txn_id),
-                             level=logging.WARNING)
+                    self.log("duplicate tpc_begin(%s) ignored",
+                             short_repr(txn_id), level=logging.WARNING)
                     return
                 raise StorageTransactionError(
-                    "Multiple simultaneous tpc_begin requests from one client.")
+                    "Multiple simultaneous tpc_begin requests from one "
+                    "client.")
             self._txn = Buffering(txn_id, user, description, extension, tid,
                                   status)
         self.stats.add("active_txns")
@@ -312,7 +314,8 @@ class Session:
             if txn.voting:
                 holder = self.served.commit_lock.holder is self
                 raise StorageTransactionError(
-                    "Already voting (%s)" % ("locked" if holder else "waiting"))
+                    "Already voting (%s)"
+                    % ("locked" if holder else "waiting"))
             txn.voting = True
             granted = functools.partial(self._vote_when_granted, txn,
                                         self.current_msgid)
@@ -403,7 +406,7 @@ class Session:
             self._txn = None
             self.stats.add("active_txns", -1)
 
-    # -- pack -------------------------------------------------------------------
+    # -- pack ---------------------------------------------------------------
 
     def pack(self, t, wait=1):
         served = self.served
