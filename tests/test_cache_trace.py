@@ -25,7 +25,7 @@ from ZODB.utils import p64, z64
 from conftest import REPO_ROOT, wait_until
 from zeo.client import trace
 from zeo.client.cache import ENTRY_OVERHEAD, ClientCache
-from zeo.client.cache_file import cache_file_path
+from zeo.client.cache_file import FileClientCache, cache_file_path
 from zeo.scripts.cache_simul import Simulation
 
 pytestmark = pytest.mark.timeout(60)
@@ -176,6 +176,43 @@ def test_trace_records_evictions_least_recently_used_first(
                for record in trace.read_trace(str(path))
                if record.code == trace.EVICT]
     assert evicted == [(o1, 1000), (o2, 1000), (o3, 1000)]
+
+
+def test_clearing_and_damage_are_traced_as_discards(tmp_path):
+    """A cache dropped by verification, or a record found damaged, leaves
+    the trace as if each oid were forgotten, so a simulation drops them
+    too."""
+    path = str(tmp_path / "c-1.zec")
+    cache = FileClientCache(path, 10 ** 6)
+    tracer = trace.open_tracer(str(tmp_path / "cache.trace"))
+    cache.set_tracer(tracer)
+    cache.set_last_tid(p64(9))
+    cache.store(p64(1), p64(5), None, b"one")
+    cache.store(p64(1), p64(2), p64(5), b"older one")
+    cache.store(p64(2), p64(5), None, b"two")
+    cache.clear()
+    cache.set_last_tid(p64(9))
+    cache.store(p64(3), p64(5), None, b"three")
+    with open(path, "r+b") as file:  # the last bytes: "three"'s data
+        file.seek(-1, os.SEEK_END)
+        file.write(b"?")
+    assert cache.load_before(p64(3), p64(10)) is None
+    cache.set_tracer(None)
+    tracer.close()
+    cache.close()
+
+    records = [(record.code, record.oid)
+               for record in trace.read_trace(str(tmp_path / "cache.trace"))]
+    discards = [oid for code, oid in records
+                if code == trace.INVALIDATE_DISCARD]
+    assert sorted(discards[:2]) == [p64(1), p64(2)]  # the clear
+    assert discards[2:] == [p64(3)]  # the damaged record
+    assert records[-1] == (trace.LOAD_MISS, p64(3))
+
+    simulation = Simulation(10 ** 6)
+    for record in trace.read_trace(str(tmp_path / "cache.trace")):
+        simulation.replay(record)
+    assert len(simulation.cache) == 0
 
 
 def test_environment_variable_traces_a_persistent_cache_next_to_it(

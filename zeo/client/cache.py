@@ -95,6 +95,10 @@ class RevisionIndex:
         """Bytes charged for the entries held now."""
         return self.data_bytes + len(self._entries) * ENTRY_OVERHEAD
 
+    def oids(self):
+        """The oids of which some revision is held (a snapshot)."""
+        return list(self._by_oid)
+
     def holds(self, oid):
         """Whether some revision of `oid` is held."""
         return oid in self._by_oid
@@ -297,6 +301,7 @@ class RevisionCache:
                         oid, key[1], end, self._data_size(location))
                 return data, key[1], end
             self._drop(key)
+            self._trace_discard(oid)
             self._after_change()
         if self._tracer is not None:
             self._trace_miss(oid, tid)
@@ -353,9 +358,19 @@ class RevisionCache:
     def clear(self):
         """Drop everything, including the last tid."""
         with self._lock:
+            if self._tracer is not None:
+                for oid in self._index.oids():
+                    self._trace_discard(oid)
             self._clear_data()
             self._index.clear()
             self._last_tid = None
+
+    def _trace_discard(self, oid):
+        """Trace that `oid` left the cache other than by eviction (the
+        cache was cleared, or a damaged record found): for the tools, as
+        if it were forgotten."""
+        if self._tracer is not None:
+            self._tracer.record(trace.INVALIDATE_DISCARD, oid)
 
     def _drop(self, key):
         self._journal("remove", *key)

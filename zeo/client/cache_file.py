@@ -460,6 +460,7 @@ class FileClientCache(RevisionCache):
                 data = self._load(location)
                 if data is None:
                     self._index.remove(key)
+                    self._trace_discard(key[0])
                     continue
                 record = _record(STORE, b"".join(
                     (key[0], key[1], end or z64, data)))
