@@ -34,12 +34,10 @@ import sys
 import tempfile
 
 from persistent.mapping import PersistentMapping
-from ZODB.Connection import TransactionMetaData
-from ZODB.FileStorage import FileStorage
-from ZODB.utils import z64
 
 import server_process
 from raw_client import RawClient, RawServerError
+from storage_template import StorageTemplate
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "cache_client.py")
@@ -65,35 +63,18 @@ def persistent_record(value):
             + pickle.dumps({"data": {"value": value}}, 3))
 
 
-class CacheTemplate:
+class CacheTemplate(StorageTemplate):
     """A FileStorage with a root and `count` objects, filled once and
     copied for every measurement, and the file of its oids the client
     processes read.  Object number `n` holds the value `n`."""
 
     def __init__(self, directory, count):
         os.mkdir(directory)
-        self.path = os.path.join(directory, "Data.fs")
-        storage = FileStorage(self.path, create=True)
-        try:
-            txn = TransactionMetaData()
-            storage.tpc_begin(txn)
-            storage.store(z64, z64, persistent_record(None), "", txn)
-            self.oids = []
-            for number in range(count):
-                oid = storage.new_oid()
-                storage.store(oid, z64, persistent_record(number), "", txn)
-                self.oids.append(oid)
-            storage.tpc_vote(txn)
-            storage.tpc_finish(txn)
-        finally:
-            storage.close()
+        super().__init__(directory, map(persistent_record, range(count)),
+                         root=persistent_record(None))
         self.oids_path = os.path.join(directory, "oids.json")
         with open(self.oids_path, "w") as out:
             json.dump([oid.hex() for oid in self.oids], out)
-
-    def copy_to(self, directory):
-        for suffix in ("", ".index"):
-            shutil.copy(self.path + suffix, directory)
 
 
 class CacheMeasurement:

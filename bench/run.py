@@ -38,16 +38,14 @@ import tempfile
 import time
 from importlib.metadata import version
 
-from ZODB.Connection import TransactionMetaData
-from ZODB.FileStorage import FileStorage
-
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import persistent_cache  # noqa: E402
 import server_process  # noqa: E402
-from raw_client import Z64, RawClient, RawServerError  # noqa: E402
+from raw_client import RawClient, RawServerError  # noqa: E402
+from storage_template import StorageTemplate  # noqa: E402
 from workloads import (  # noqa: E402
     COMMIT, LOAD, OUR_CLIENT, RAW, ZEO_CLIENT, WorkerError, WorkerPool,
     object_record)
@@ -142,35 +140,6 @@ def client_kind(client, options):
     if client == OUR_CLIENT and options.ours_is_zeo:
         return ZEO_CLIENT
     return client
-
-
-class Template:
-    """A FileStorage filled once, copied for every measurement.
-
-    Copying the file (with its index) is much faster than filling a new
-    storage each time, and every measurement still starts from the same
-    fresh state.
-    """
-
-    def __init__(self, directory, object_count):
-        self.path = os.path.join(directory, "Data.fs")
-        storage = FileStorage(self.path, create=True)
-        try:
-            txn = TransactionMetaData()
-            storage.tpc_begin(txn)
-            self.oids = []
-            for number in range(object_count):
-                oid = storage.new_oid()
-                storage.store(oid, Z64, object_record(number), "", txn)
-                self.oids.append(oid)
-            storage.tpc_vote(txn)
-            storage.tpc_finish(txn)
-        finally:
-            storage.close()
-
-    def copy_to(self, directory):
-        for suffix in ("", ".index"):
-            shutil.copy(self.path + suffix, directory)
 
 
 class Measurement:
@@ -387,7 +356,8 @@ def run(options):
     pool = WorkerPool(CONCURRENCY)
     started = time.monotonic()
     try:
-        template = Template(scratch, options.objects)
+        template = StorageTemplate(
+            scratch, map(object_record, range(options.objects)))
         for repetition in range(options.repetitions):
             order = CELLS if repetition % 2 == 0 else CELLS[::-1]
             print("pass %d/%d ..." % (repetition + 1, options.repetitions),
