@@ -14,8 +14,7 @@ to its own calls only and skips the server's one-way messages (`info`,
 `invalidateTransaction`) while it waits.
 """
 
-import socket
-
+from zeo.client.connection import connect_socket
 from zeo.wire import (
     CALL, ONEWAY, PICKLE_PROTOCOL, REPLY_NAME, FrameReader, PickleCodec,
     frame)
@@ -45,8 +44,7 @@ class RawClient:
     """One registered connection to one storage of a ZEO 5 server."""
 
     def __init__(self, address, storage="1", read_only=False, timeout=60):
-        self._sock = socket.create_connection(address, timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = connect_socket(address, timeout)
         self._reader = FrameReader()
         self._received = []
         self._unsent = []

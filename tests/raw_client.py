@@ -40,6 +40,7 @@ import struct
 import time
 
 from zeo import wire
+from zeo.client.connection import connect_socket
 
 
 class RemoteError(Exception):
@@ -59,13 +60,8 @@ class RawClient:
     """One connection to a ZEO server, driven step by step by a test."""
 
     def __init__(self, address, timeout=10):
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.timeout = timeout
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(address)
-        if family == socket.AF_INET:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = connect_socket(address, timeout)
         self.codec = None
         self.greeting = None
         self.server_calls = []

@@ -13,6 +13,7 @@ import socket
 import time
 
 from zeo import wire
+from zeo.client.connection import connect_socket
 
 #: Frames a tool accepts from a server: replies here are small.
 MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -65,17 +66,7 @@ class FrameSocket:
     """A blocking connection that sends and receives whole frames."""
 
     def __init__(self, address, timeout):
-        if isinstance(address, str):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(address)
-            except OSError:
-                self.sock.close()
-                raise
-        else:
-            self.sock = socket.create_connection(address, timeout=timeout)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = connect_socket(address, timeout)
         self._reader = wire.FrameReader(MAX_FRAME_SIZE)
         self._frames = []
 
