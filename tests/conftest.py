@@ -85,17 +85,27 @@ def clients():
     """Factory opening OUR ClientStorages (``wait_timeout`` CLIENT_TIMEOUT
     unless given); all closed after the test."""
     from zeo.ClientStorage import ClientStorage as OurClientStorage
-    opened = []
 
     def open_(address, **options):
         options.setdefault("wait_timeout", CLIENT_TIMEOUT)
-        storage = OurClientStorage(address, **options)
-        opened.append(storage)
-        return storage
+        return OurClientStorage(address, **options)
 
-    yield open_
-    for storage in opened:
-        storage.close()
+    yield from closing_all(open_)
+
+
+def closing_all(make):
+    """The body of a factory fixture: yields `make`, wrapped so that
+    everything it made is closed, in order, when the test is over."""
+    made = []
+
+    def make_and_remember(*args, **kwargs):
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield make_and_remember
+    for thing in made:
+        thing.close()
 
 
 def pytest_configure(config):
@@ -168,32 +178,19 @@ def start_server(tmp_path):
 @pytest.fixture
 def open_client():
     """Factory opening real ZEO ClientStorages; closes them after the test."""
-    clients = []
 
     def open_(server, storage="1", **options):
         options.setdefault("wait_timeout", CLIENT_TIMEOUT)
-        client = ClientStorage(server.address, storage, **options)
-        clients.append(client)
-        return client
+        return ClientStorage(server.address, storage, **options)
 
-    yield open_
-    for client in clients:
-        client.close()
+    yield from closing_all(open_)
 
 
 @pytest.fixture
 def open_db(open_client):
     """Factory opening a ZODB.DB on a real ZEO ClientStorage."""
-    databases = []
-
-    def open_(server, storage="1", **options):
-        database = ZODB.DB(open_client(server, storage, **options))
-        databases.append(database)
-        return database
-
-    yield open_
-    for database in databases:
-        database.close()
+    yield from closing_all(lambda server, storage="1", **options: ZODB.DB(
+        open_client(server, storage, **options)))
 
 
 class RawServerError(Exception):

@@ -6,6 +6,7 @@ thread-per-connection server could reorder messages, then checks the bytes
 each client received, in order.
 """
 
+import itertools
 import threading
 import time
 
@@ -15,6 +16,7 @@ from ZODB.tests.MinPO import MinPO
 from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import maxtid, p64, z64
 
+from conftest import closing_all
 from raw_client import RawClient, RemoteError
 from zeo.server import StorageServer
 
@@ -26,18 +28,16 @@ OTHER = p64(1)
 
 @pytest.fixture
 def make_server(tmp_path):
-    servers = []
+    files = (str(tmp_path / ("Data%d.fs" % number))
+             for number in itertools.count())
 
     def make(**options):
-        storage = FileStorage(str(tmp_path / ("Data%d.fs" % len(servers))))
+        storage = FileStorage(next(files))
         server = StorageServer(("127.0.0.1", 0), {"1": storage}, **options)
         server.start()
-        servers.append(server)
         return server
 
-    yield make
-    for server in servers:
-        server.close()
+    yield from closing_all(make)
 
 
 @pytest.fixture

@@ -79,6 +79,22 @@ def write_server_config(directory, zeo_lines, storage_sections,
     return write_file(os.path.join(directory, "zeo.conf"), text)
 
 
+def write_config_logging_to(directory, log_path, log_format=None):
+    """A config serving `directory`/Data.fs on a free port, logging to
+    `log_path` (in `log_format` if given) and to standard error, where
+    the test harness learns the port."""
+    format_line = "    format %s\n" % log_format if log_format else ""
+    eventlog = (
+        "<eventlog>\n"
+        "  <logfile>\n    path %s\n%s  </logfile>\n"
+        "  <logfile>\n    path STDERR\n  </logfile>\n"
+        "</eventlog>\n" % (log_path, format_line))
+    return write_server_config(
+        directory, ["address 127.0.0.1:0"],
+        [filestorage_section("1", os.path.join(directory, "Data.fs"))],
+        eventlog)
+
+
 def read_greeting(address):
     """The handshake frame the server sends first: b"Z5" or b"M5"."""
     if isinstance(address, str):
@@ -156,20 +172,8 @@ def test_port_zero_serves_and_logs_the_real_port(tmp):
 
 def test_configuration_file_with_eventlog_to_a_file(tmp):
     log_path = os.path.join(tmp, "zeo.log")
-    eventlog = (
-        "<eventlog>\n"
-        "  <logfile>\n"
-        "    path %s\n"
-        "    format CUSTOM|%%(levelname)s|%%(message)s\n"
-        "  </logfile>\n"
-        # The test harness learns the port from standard error.
-        "  <logfile>\n"
-        "    path STDERR\n"
-        "  </logfile>\n"
-        "</eventlog>\n" % log_path)
-    config = write_server_config(
-        tmp, ["address 127.0.0.1:0"],
-        [filestorage_section("1", os.path.join(tmp, "Data.fs"))], eventlog)
+    config = write_config_logging_to(
+        tmp, log_path, "CUSTOM|%(levelname)s|%(message)s")
     with start_server(["-C", config]) as server:
         port = server.address[1]
         assert server.stop() == 0
@@ -368,14 +372,7 @@ def test_sigterm_during_a_commit_leaves_a_valid_filestorage(tmp):
 
 def test_sigusr2_reopens_the_log_file(tmp):
     log_path = os.path.join(tmp, "zeo.log")
-    eventlog = (
-        "<eventlog>\n"
-        "  <logfile>\n    path %s\n  </logfile>\n"
-        "  <logfile>\n    path STDERR\n  </logfile>\n"
-        "</eventlog>\n" % log_path)
-    config = write_server_config(
-        tmp, ["address 127.0.0.1:0"],
-        [filestorage_section("1", os.path.join(tmp, "Data.fs"))], eventlog)
+    config = write_config_logging_to(tmp, log_path)
     with start_server(["-C", config]) as server:
         os.rename(log_path, log_path + ".1")
         server.signal(signal.SIGUSR2)

@@ -14,7 +14,7 @@ import pytest
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import maxtid, p64, z64
 
-from conftest import wait_until
+from conftest import closing_all, wait_until
 from raw_client import RawClient, RemoteError
 from test_ordering import begin_and_store, commit, connect
 from zeo.server import StorageServer
@@ -26,18 +26,14 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def start(tmp_path):
     """Start a server on tmp_path/Data.fs (again, after a restart)."""
-    servers = []
 
     def start_server(**options):
         storage = FileStorage(str(tmp_path / "Data.fs"))
         server = StorageServer(("127.0.0.1", 0), {"1": storage}, **options)
         server.start()
-        servers.append(server)
         return server
 
-    yield start_server
-    for server in servers:
-        server.close()
+    yield from closing_all(start_server)
 
 
 def status(server):
