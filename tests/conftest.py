@@ -15,6 +15,7 @@ import time
 import pytest
 import ZODB
 from ZEO.ClientStorage import ClientStorage
+from ZODB.Connection import TransactionMetaData
 from ZODB.tests import BasicStorage
 from ZODB.tests import ConflictResolution
 from ZODB.tests import HistoryStorage
@@ -68,6 +69,22 @@ STORAGE_CONFORMANCE_MIXINS = (
     ReadOnlyStorage.ReadOnlyStorage,
     PersistentStorage.PersistentStorage,
 )
+
+
+def commit_stores(storage, stores):
+    """Commit `(oid, serial, data)` stores in one transaction through the
+    storage API; return its tid."""
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    for oid, serial, data in stores:
+        storage.store(oid, serial, data, "", txn)
+    storage.tpc_vote(txn)
+    return storage.tpc_finish(txn)
+
+
+def commit_one(storage, oid, serial, data):
+    """Store one record in its own transaction; return the new tid."""
+    return commit_stores(storage, [(oid, serial, data)])
 
 
 def wait_until(predicate, what, timeout=RECONNECT_TIMEOUT):

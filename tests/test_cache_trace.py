@@ -19,10 +19,9 @@ import textwrap
 
 import pytest
 import ZODB.config
-from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, z64
 
-from conftest import REPO_ROOT, wait_until
+from conftest import REPO_ROOT, commit_stores, wait_until
 from zeo.client import trace
 from zeo.client.cache import ENTRY_OVERHEAD, ClientCache
 from zeo.client.cache_file import FileClientCache, cache_file_path
@@ -33,22 +32,12 @@ pytestmark = pytest.mark.timeout(60)
 
 # -- helpers ------------------------------------------------------------------
 
-def commit(storage, changes):
-    """Store `{oid: (serial, data)}` in one transaction; return its tid."""
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    for oid, (serial, data) in changes.items():
-        storage.store(oid, serial, data, '', txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
-
-
 def create_objects(storage, sizes):
     """New objects of `sizes` bytes each, in one transaction; returns
     `(oids, tid)`."""
     oids = [storage.new_oid() for _ in sizes]
-    tid = commit(storage, {oid: (z64, b"d" * size)
-                           for oid, size in zip(oids, sizes)})
+    tid = commit_stores(storage, [(oid, z64, b"d" * size)
+                                  for oid, size in zip(oids, sizes)])
     return oids, tid
 
 
@@ -127,7 +116,7 @@ def test_trace_records_loads_invalidations_and_load_before(
     assert traced.load(o1) == (b"d" * 100, t1)      # miss, store
     assert traced.load(o1) == (b"d" * 100, t1)      # hit
     traced.load(o2)                                 # miss, store
-    t2 = commit(writer, {o1: (t1, b"e" * 50), o3: (t1, b"e" * 60)})
+    t2 = commit_stores(writer, [(o1, t1, b"e" * 50), (o3, t1, b"e" * 60)])
     wait_until(lambda: traced.lastTransaction() == t2,
                "the traced client has the invalidations")
     assert traced.loadBefore(o1, t2) == (b"d" * 100, t1, t2)  # non-current

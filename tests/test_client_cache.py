@@ -22,10 +22,9 @@ import pytest
 import zc.lockfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, u64, z64
 
-from conftest import CLIENT_TIMEOUT, REPO_ROOT
+from conftest import CLIENT_TIMEOUT, REPO_ROOT, commit_one, commit_stores
 from server_process import ServerProcess
 from zeo.ClientStorage import ClientStorage
 from zeo.client.cache import ClientCache, next_tid
@@ -524,21 +523,8 @@ def test_second_opener_gets_a_clear_error(tmp_path):
 
 def commit_objects(storage, count):
     """Create oids 1..count in one transaction; return the new tid."""
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    for number in range(1, count + 1):
-        storage.store(p64(number), z64, b"object %d" % number, "", txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
-
-
-def commit_one(storage, oid, serial, data):
-    """Store one new revision of `oid`; return the new tid."""
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    storage.store(oid, serial, data, "", txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
+    return commit_stores(storage, [(p64(number), z64, b"object %d" % number)
+                                   for number in range(1, count + 1)])
 
 
 @pytest.mark.timeout(60)

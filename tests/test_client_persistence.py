@@ -28,12 +28,11 @@ import sys
 import textwrap
 
 import pytest
-from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
 from conftest import REPO_ROOT, server_environment
-from conftest import wait_until
+from conftest import commit_stores, wait_until
 from server_process import ServerProcess, free_port
 from zeo.client.cache_file import cache_file_path
 
@@ -113,16 +112,6 @@ def body(number, version):
     return b"object %d version %s" % (number, str(version).encode())
 
 
-def commit_many(storage, items):
-    """Store `(oid, serial, data)` items in one transaction; its tid."""
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    for oid, serial, data in items:
-        storage.store(oid, serial, data, "", txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
-
-
 def create_objects(storage, count, batch=2500):
     """`count` new objects in transactions of `batch`; their oids and,
     for each, the tid that created it."""
@@ -130,7 +119,7 @@ def create_objects(storage, count, batch=2500):
     tids = []
     for first in range(0, count, batch):
         chunk = oids[first:first + batch]
-        tid = commit_many(storage, [(oid, z64, body(first + index, 0))
+        tid = commit_stores(storage, [(oid, z64, body(first + index, 0))
                                     for index, oid in enumerate(chunk)])
         tids.extend([tid] * len(chunk))
     return oids, tids
@@ -191,13 +180,13 @@ def test_server_restart_reloads_only_the_changed_objects(
     if order == "changed_before_reconnect":
         # Changed while no server runs: only verification can tell.
         offline = FileStorage(str(path))
-        last = commit_many(offline, changes)
+        last = commit_stores(offline, changes)
         offline.close()
         servers(port, path)  # the same port and the same Data.fs
     else:
         servers(port, path)
         wait_until(storage.is_connected, "the client reconnects by itself")
-        last = commit_many(clients(port), changes)
+        last = commit_stores(clients(port), changes)
     wait_until(storage.is_connected, "the client reconnects by itself")
     wait_until(lambda: storage.lastTransaction() == last,
                "the client knows the last transaction %s (it has %s)"
@@ -275,7 +264,7 @@ def test_restarted_client_process_loads_from_its_cache_file(
     assert server_loads(writer) == loads  # nothing loaded while it ran
 
     # A third process after a change: only the changed object is loaded.
-    tid = commit_many(writer, [(oids[11], created[11], body(11, 1))])
+    tid = commit_stores(writer, [(oids[11], created[11], body(11, 1))])
     third = run_loader(tmp_path, children, port, oids_path)
     assert third == {
         "loads": 1, "last": tid.hex(),
@@ -344,7 +333,7 @@ def test_client_killed_while_writing_its_cache(
         step = int(line)
         if step % 10 == 0:  # invalidations reach the child as it works
             oid = rng.choice(theirs)
-            commit_many(writer, [(oid, writer.load(oid)[1],
+            commit_stores(writer, [(oid, writer.load(oid)[1],
                                   b"parent %d" % step)])
         if step >= 150:
             break
@@ -355,7 +344,7 @@ def test_client_killed_while_writing_its_cache(
 
     # Changes while no c3 client runs: its verification must catch them.
     changed_after = rng.sample(oids, 7)
-    commit_many(writer, [(oid, writer.load(oid)[1], b"after the kill")
+    commit_stores(writer, [(oid, writer.load(oid)[1], b"after the kill")
                          for oid in changed_after])
 
     reference = clients(port)  # an in-memory cache: everything from the server

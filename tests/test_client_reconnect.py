@@ -19,9 +19,9 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import z64
 
-from conftest import CLIENT_TIMEOUT, server_environment, wait_until
+from conftest import (
+    CLIENT_TIMEOUT, commit_one, server_environment, wait_until)
 from server_process import ServerProcess, free_port
-from test_client_storage import commit
 from zeo.ClientStorage import ClientStorage
 from zeo.Exceptions import ClientDisconnected
 from zeo.client.manager import RetryPolicy
@@ -181,7 +181,7 @@ def test_unreachable_at_start_with_wait_false(tmp_path, servers, clients):
     servers(port, tmp_path / "Data.fs")
     wait_until(storage.is_connected, "the server comes up")
     oid = storage.new_oid()
-    tid = commit(storage, oid, z64, b"after a late start")
+    tid = commit_one(storage, oid, z64, b"after a late start")
     assert storage.load(oid) == (b"after a late start", tid)
 
 
@@ -205,7 +205,7 @@ def test_read_only_fallback_switches_to_a_writable_server(
     servers(writable_port, writable_path)
     wait_until(lambda: not storage.isReadOnly(), "the client switches")
     oid = storage.new_oid()
-    tid = commit(storage, oid, z64, b"written after the switch")
+    tid = commit_one(storage, oid, z64, b"written after the switch")
     assert storage.load(oid) == (b"written after the switch", tid)
     assert any("leaving read-only server" in message
                for message in messages(caplog, logging.INFO))
@@ -218,14 +218,14 @@ def test_tries_every_address(tmp_path, servers, clients):
     second = servers(free_port(), path)
     storage = clients([("127.0.0.1", first_port), second.address])
     oid = storage.new_oid()
-    tid = commit(storage, oid, z64, b"through the second")
+    tid = commit_one(storage, oid, z64, b"through the second")
 
     second.stop()
     wait_until(lambda: not storage.is_connected(), "the second is gone")
     servers(first_port, path)
     wait_until(storage.is_connected, "the client finds the first")
     assert storage.load(oid) == (b"through the second", tid)
-    assert commit(storage, oid, tid, b"through the first") > tid
+    assert commit_one(storage, oid, tid, b"through the first") > tid
     storage.close()  # stops the connector, heartbeat and reader threads
     assert not [thread.name for thread in threading.enumerate()
                 if thread.name.startswith("zeo-client")]
@@ -239,9 +239,9 @@ def test_server_behind_the_cache_is_refused_until_a_current_one_is_back(
     server = servers(port, path)
     storage = clients(port)
     oid = storage.new_oid()
-    first = commit(storage, oid, z64, b"backed up")
+    first = commit_one(storage, oid, z64, b"backed up")
     shutil.copy(path, backup)  # FileStorage flushed the commit
-    second = commit(storage, oid, first, b"newer than the backup")
+    second = commit_one(storage, oid, first, b"newer than the backup")
 
     server.stop()
     wait_until(lambda: not storage.is_connected(), "the client notices")

@@ -27,7 +27,8 @@ from ZODB.POSException import (
 from ZODB.utils import maxtid, p64, u64, z64
 
 import zeo
-from conftest import CLIENT_TIMEOUT, RawClient, server_environment
+from conftest import (
+    CLIENT_TIMEOUT, RawClient, commit_one, server_environment)
 from server_process import (
     OURS, THEIRS, free_port, start_configured_server)
 from zeo import wire
@@ -61,15 +62,6 @@ def servers(tmp_path):
     statuses = [server.stop() for server in started
                 if not getattr(server, "killed_by_test", False)]
     assert statuses == [0] * len(statuses)
-
-
-def commit(storage, oid, serial, data):
-    """Store one record in its own transaction; return the new tid."""
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    storage.store(oid, serial, data, '', txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
 
 
 # -- interfaces and the storage API against both servers --------------------
@@ -110,10 +102,10 @@ def test_server_errors_are_rebuilt(impl, servers, clients):
     oid = storage.new_oid()
     with pytest.raises(POSKeyError):
         storage.loadBefore(oid, maxtid)
-    first = commit(storage, oid, z64, b"first")
-    second = commit(other, oid, first, b"second")
+    first = commit_one(storage, oid, z64, b"first")
+    second = commit_one(other, oid, first, b"second")
     with pytest.raises(ConflictError) as caught:
-        commit(storage, oid, first, b"stale")
+        commit_one(storage, oid, first, b"stale")
     assert caught.value.oid == oid
     assert caught.value.serials == (second, first)
     # A failed vote leaves the transaction to tpc_abort, as ZODB expects.
@@ -160,7 +152,7 @@ def test_extension_with_non_builtin_values_is_refused_locally(
         storage.tpc_begin(txn)
     assert "extension" in str(caught.value)
     assert storage.tpc_transaction() is None
-    tid = commit(storage, storage.new_oid(), z64, b"still connected")
+    tid = commit_one(storage, storage.new_oid(), z64, b"still connected")
     assert storage.lastTransaction() == tid
 
 
@@ -202,8 +194,8 @@ def test_client_conflict_resolution(impl, servers, clients):
 def test_nested_undo_errors_are_rebuilt(impl, encoding, servers, clients):
     storage = clients(servers(impl, encoding).address)
     oid = storage.new_oid()
-    tid = commit(storage, oid, z64, b"one")
-    commit(storage, oid, tid, b"two")
+    tid = commit_one(storage, oid, z64, b"one")
+    commit_one(storage, oid, tid, b"two")
     undo_id = storage.undoLog(0, 5)[-1]["id"]
     txn = TransactionMetaData()
     storage.tpc_begin(txn)
@@ -237,12 +229,12 @@ def test_msgpack_server(impl, servers, clients):
     other = clients(server.address, server_sync=True)
     oid = storage.new_oid()
     data = zodb_pickle(MinPO("packed"))
-    tid = commit(storage, oid, z64, data)
+    tid = commit_one(storage, oid, z64, data)
     other.sync()
     assert other.load(oid) == (data, tid)
     assert storage.undoLog(0, 1)[0]["id"]
     with pytest.raises(ConflictError) as caught:
-        commit(other, oid, z64, zodb_pickle(MinPO("conflict")))
+        commit_one(other, oid, z64, zodb_pickle(MinPO("conflict")))
     assert caught.value.oid == oid
 
 
@@ -252,7 +244,7 @@ def test_server_sync_brings_in_other_commits(impl, servers, clients):
     writer = clients(server.address)
     reader = clients(server.address, server_sync=True)
     for _ in range(5):
-        tid = commit(writer, writer.new_oid(), z64, b"x")
+        tid = commit_one(writer, writer.new_oid(), z64, b"x")
         reader.sync()
         assert reader.lastTransaction() == tid
 
@@ -282,7 +274,7 @@ def test_addresses_int_port_list_and_unix_socket(tmp_path, clients):
     server.start()
     try:
         storage = clients(path)
-        commit(storage, storage.new_oid(), z64, b"over a unix socket")
+        commit_one(storage, storage.new_oid(), z64, b"over a unix socket")
         assert storage.lastTransaction() != z64
     finally:
         server.close()
@@ -360,7 +352,7 @@ def test_wait_false_connects_in_the_background_to_a_new_address(clients):
         while not storage.is_connected() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert storage.is_connected()
-        commit(storage, storage.new_oid(), z64, b"late")
+        commit_one(storage, storage.new_oid(), z64, b"late")
     finally:
         storage.close()
         stop()
@@ -372,7 +364,7 @@ def test_waiting_vote_does_not_block_loads_then_fails_on_drop(
     server = servers(impl)
     storage = clients(server.address)
     oid = storage.new_oid()
-    commit(storage, oid, z64, b"visible")
+    commit_one(storage, oid, z64, b"visible")
     holder = RawClient(server.address)
     try:
         holder.handshake()
