@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from zeo.client import trace
-from zeo.client.cache import RevisionCache, next_tid
+from zeo.client.cache import ClientCache, next_tid
 from zeo.scripts import positive_number
 from zeo.scripts.cache_stats import ratio, read_into, report_error
 
@@ -32,14 +32,8 @@ _INVALIDATIONS = frozenset((trace.INVALIDATE_MISS, trace.INVALIDATE_KEEP,
 _CURRENT_LOADS = frozenset((trace.LOAD_MISS, trace.LOAD_HIT))
 
 
-class SimulatedCache(RevisionCache):
+class SimulatedCache(ClientCache):
     """Our cache's rules with a data length as the data of each entry."""
-
-    def _place(self, oid, start, end, data):
-        return data
-
-    def _load(self, location):
-        return location
 
     def _data_size(self, location):
         return location
