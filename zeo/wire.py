@@ -160,10 +160,9 @@ def _check_closely(payload):
     for."""
     if not isinstance(payload, (bytes, bytearray)):
         payload = bytes(payload)  # `in` must search bytes, not items
-    if len(payload) < _UNSCANNED_PAYLOAD and (
-            b"2" not in payload and b"g" not in payload
-            and b"h" not in payload and b"j" not in payload):
-        return  # none of _MEMO_GET_BYTES
+    if len(payload) < _UNSCANNED_PAYLOAD and not any(
+            opcode in payload for opcode in _MEMO_GET_BYTES):
+        return
     stack = []  # (depth, shareable) of each value on the simulated stack
     marks = []
     memo = {}
