@@ -60,9 +60,15 @@ class ServerConnection:
         connection's thread does once the call's locks are released)."""
         if outcome.error is not None:
             data = wire.encode_error_reply(self.codec, msgid, outcome.error)
+            self.outbox.put(wire.frame(data), wake_writer=False)
         else:
-            data = self._encode_reply(msgid, outcome.value)
-        self.outbox.put(wire.frame(data), wake_writer=False)
+            self._queue_value(msgid, outcome.value)
+
+    def _queue_value(self, msgid, value):
+        """Queue the plain reply `value` to `msgid` (the common case,
+        without a `Reply` to unwrap)."""
+        self.outbox.put(wire.frame(self._encode_reply(msgid, value)),
+                        wake_writer=False)
 
     def push(self, method, args, wake_writer=True):
         """Queue a one-way call to the client (invalidations, info).
@@ -204,8 +210,7 @@ class ServerConnection:
             if oneway and result.error is not None:
                 return self._fail(msgid, oneway, name, result.error)
         elif not oneway and result is not DEFERRED:
-            self.outbox.put(wire.frame(self._encode_reply(msgid, result)),
-                            wake_writer=False)
+            self._queue_value(msgid, result)
         return True
 
     def _fail(self, msgid, oneway, name, error):
