@@ -43,8 +43,8 @@ class Statistics:
     `ServedStorage.status` adds them up.
     """
 
-    COUNTERS = ("loads", "stores", "commits", "aborts", "active_txns",
-                "conflicts", "conflicts_resolved")
+    COUNTERS = ("stores", "commits", "aborts", "active_txns", "conflicts",
+                "conflicts_resolved")
 
     def __init__(self):
         self._lock = threading.Lock()
