@@ -257,6 +257,7 @@ def test_every_zeo_key_is_accepted(tmp):
         "pid-filename %s" % pid_path,
         "client-conflict-resolution true",
         "msgpack false",
+        "busy-poll 500",
     ], [filestorage_section("1", os.path.join(tmp, "Data.fs"))])
     with start_server(["-C", config],
                       address=("127.0.0.1", port)) as server:
@@ -273,6 +274,21 @@ def test_every_zeo_key_is_accepted(tmp):
             report = monitor.makefile("rb").read()
         assert report.strip()
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("config_line, args, microseconds", [
+    (None, [], 300),
+    ("busy-poll 0", [], 0),
+    ("busy-poll 50", [], 50),
+    ("busy-poll 50", ["--busy-poll", "1000"], 1000),
+])
+def test_busy_poll_comes_from_the_file_or_the_command_line(
+        tmp, config_line, args, microseconds):
+    lines = ["address 127.0.0.1:0"] + ([config_line] if config_line else [])
+    config = write_server_config(
+        tmp, lines, [filestorage_section("1", os.path.join(tmp, "Data.fs"))])
+    options = runzeo.parse_options(["-C", config] + args)
+    assert options.busy_poll_microseconds == microseconds
 
 
 @pytest.mark.parametrize("env, msgpack_key, greeting", [
@@ -433,6 +449,8 @@ def test_bad_address_on_the_command_line(tmp, address, fragment):
     (["address 127.0.0.1:99999"], "99999"),
     (["address 127.0.0.1:abc"], "abc"),
     (["address 127.0.0.1:0", "read-only perhaps"], "perhaps"),
+    (["address 127.0.0.1:0", "busy-poll -1"], "busy-poll"),
+    (["address 127.0.0.1:0", "busy-poll 0.5"], "0.5"),
 ])
 def test_bad_zeo_section(tmp, zeo_lines, fragment):
     config = write_server_config(
@@ -464,6 +482,9 @@ def test_bad_storage_sections(tmp, sections, fragment):
     (["--no-such-option"], "--no-such-option"),
     (["-a", "127.0.0.1:0", "-f", "Data.fs", "-t", "0"], "timeout"),
     (["-a", "127.0.0.1:0", "-f", "Data.fs", "-t", "soon"], "soon"),
+    (["-a", "127.0.0.1:0", "-f", "Data.fs", "--busy-poll", "-3"],
+     "busy-poll"),
+    (["-a", "127.0.0.1:0", "-f", "Data.fs", "--busy-poll", "soon"], "soon"),
     (["-a", "127.0.0.1:0", "-f", "Data.fs",
       "--pid-file", "/no/such/directory/zeo.pid"], "/no/such/directory"),
 ])

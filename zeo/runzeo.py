@@ -30,7 +30,7 @@ import ZConfig.datatypes
 import ZODB.FileStorage
 
 from zeo import wire
-from zeo.server import StorageServer
+from zeo.server import StorageServer, busy_poll
 
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
@@ -159,6 +159,7 @@ class ServerOptions:
     pid_filename: typing.Optional[str] = None
     client_conflict_resolution: bool = False
     msgpack: bool = False
+    busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
     eventlog: typing.Optional[typing.Callable] = None
 
 
@@ -230,6 +231,12 @@ def build_argument_parser():
         "-m", "--monitor-address", metavar="ADDR",
         type=_argument_type(parse_address),
         help="also serve a plain-text statistics report at ADDR")
+    parser.add_argument(
+        "--busy-poll", metavar="MICROSECONDS",
+        type=_argument_type(_whole_number),
+        help="how long a connection polls for its client's next message "
+             "before sleeping (default %d; 0 turns polling off)"
+             % busy_poll.DEFAULT_MICROSECONDS)
     parser.add_argument(
         "--pid-file", metavar="PATH",
         type=_argument_type(ZConfig.datatypes.existing_dirpath),
@@ -313,6 +320,7 @@ def _options_from_config(config):
         pid_filename=section.pid_filename,
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
+        busy_poll_microseconds=section.busy_poll,
         eventlog=config.eventlog,
     )
 
@@ -352,6 +360,8 @@ def parse_options(argv=None):
         options.monitor_address = arguments.monitor_address
     if arguments.pid_file is not None:
         options.pid_filename = arguments.pid_file
+    if arguments.busy_poll is not None:
+        options.busy_poll_microseconds = arguments.busy_poll
     _check_values(options)
     return options
 
@@ -366,6 +376,8 @@ def _check_values(options):
             "transaction-timeout must be more than 0 seconds")
     if options.invalidation_age is not None and options.invalidation_age < 0:
         raise ConfigurationError("invalidation-age cannot be negative")
+    if options.busy_poll_microseconds < 0:
+        raise ConfigurationError("busy-poll cannot be negative")
     if options.msgpack and not wire.msgpack_available():
         raise ConfigurationError(
             "msgpack is requested but the msgpack package is not installed")
@@ -570,7 +582,8 @@ class ServerRunner:
                 client_conflict_resolution=(
                     options.client_conflict_resolution),
                 msgpack=options.msgpack,
-                monitor_address=options.monitor_address)
+                monitor_address=options.monitor_address,
+                busy_poll=options.busy_poll_microseconds * 1e-6)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -43,6 +43,7 @@ class ServerConnection:
                              limit=server.outbox_limit,
                              on_overflow=self._overflowed)
         self.session = Session(server, self)
+        self._receiver = server.busy_polling.receiver()
 
     # -- the channel interface used by the session ----------------------------
 
@@ -141,7 +142,7 @@ class ServerConnection:
         while True:
             if self._closing.is_set():
                 return None
-            received = self.sock.recv_into(buffer)
+            received = self._receiver.recv_into(self.sock, buffer)
             if not received:
                 return None
             payloads = reader.feed(buffer[:received])
@@ -268,6 +269,7 @@ class ServerConnection:
 
     def _finish(self):
         self._closing.set()
+        self._receiver.close()
         try:
             self.session.closed()
         finally:

@@ -6,6 +6,7 @@ import threading
 
 from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
+from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
 from zeo.server.listener import format_address, make_listener
 from zeo.server.storage import ServedStorage
 
@@ -25,7 +26,8 @@ class StorageServer:
                  transaction_timeout=None, client_conflict_resolution=False,
                  msgpack=None, monitor_address=None,
                  outbox_limit=DEFAULT_OUTBOX_LIMIT,
-                 max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE):
+                 max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE,
+                 busy_poll=DEFAULT_WINDOW):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -36,6 +38,7 @@ class StorageServer:
                          else wire.PICKLE_PROTOCOL)
         self.outbox_limit = outbox_limit
         self.max_frame_size = max_frame_size
+        self.busy_polling = BusyPolling(busy_poll)
         self.transaction_timeout = transaction_timeout
         self.storages = {}
         for name, storage in storages.items():

@@ -1,0 +1,261 @@
+"""The busy-poll policy (`zeo.server.busy_poll`) on real socket pairs.
+
+Each rule is forced with a clock the test moves by hand, so "the client
+was slow" or "the window ran out" happen exactly when the test says and
+never because the machine was busy.  Whether a receiver is polling or
+asleep is read from the policy's count of working connections: a
+receiver asleep in `recv` is not counted, a polling one is.
+"""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from zeo.server import busy_poll
+from zeo.server.busy_poll import QUIET_PERIOD, BusyPolling
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not busy_poll.AVAILABLE,
+                       reason="no MSG_DONTWAIT or sched_yield here"),
+]
+
+WAIT = 10
+
+
+class HandClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class ReceivingThread:
+    """A thread that calls `receiver.recv_into` once per `receive()`."""
+
+    def __init__(self, receiver, sock):
+        self._receiver = receiver
+        self._sock = sock
+        self._buffer = bytearray(1024)
+        self._thread = None
+        self.received = None
+
+    def receive(self):
+        def run():
+            count = self._receiver.recv_into(self._sock, self._buffer)
+            self.received = bytes(self._buffer[:count])
+        self.received = None
+        self._thread = threading.Thread(target=run, name="test-receiver")
+        self._thread.start()
+
+    def join(self):
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "recv_into did not return"
+        return self.received
+
+
+def assert_keeps_polling(policy):
+    """While the hand clock stands still, a polling receiver never goes to
+    sleep by itself: it stays the one working connection."""
+    for _ in range(20):
+        time.sleep(0.005)
+        assert policy.working_count() == 1
+
+
+@pytest.fixture
+def socket_pairs():
+    pairs = []
+
+    def make():
+        pair = socket.socketpair()
+        pairs.append(pair)
+        return pair
+
+    yield make
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+
+
+def test_a_new_connection_counts_as_working_until_it_sleeps(socket_pairs):
+    policy = BusyPolling(window=0)
+    server_side, client_side = socket_pairs()
+    receiving = ReceivingThread(policy.receiver(), server_side)
+    assert policy.working_count() == 1
+    receiving.receive()
+    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
+    client_side.sendall(b"hello")
+    assert receiving.join() == b"hello"
+    assert policy.working_count() == 1
+
+
+def test_a_lone_connection_polls_until_the_window_runs_out(socket_pairs):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
+    server_side, client_side = socket_pairs()
+    receiving = ReceivingThread(policy.receiver(), server_side)
+    receiving.receive()
+    assert_keeps_polling(policy)
+    clock.now = 1.0
+    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
+    client_side.sendall(b"late")
+    assert receiving.join() == b"late"
+
+
+def test_a_message_within_the_window_is_received_by_polling(socket_pairs):
+    policy = BusyPolling(window=1.0, clock=HandClock())
+    server_side, client_side = socket_pairs()
+    receiver = policy.receiver()
+    client_side.sendall(b"quick")
+    buffer = bytearray(16)
+    count = receiver.recv_into(server_side, buffer)
+    assert bytes(buffer[:count]) == b"quick"
+    assert policy.working_count() == 1
+
+
+def test_a_client_slower_than_the_window_is_not_polled_for(socket_pairs):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
+    server_side, client_side = socket_pairs()
+    receiving = ReceivingThread(policy.receiver(), server_side)
+    receiving.receive()
+    clock.now = 5.0  # the client takes 5 s to come back
+    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
+    client_side.sendall(b"slow")
+    assert receiving.join() == b"slow"
+    # Next time it sleeps at once, although the clock stands still and
+    # a poll would never end.
+    receiving.receive()
+    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
+    client_side.sendall(b"quick again")  # no time passed: quick
+    assert receiving.join() == b"quick again"
+    # A client back within the window is polled for again.
+    receiving.receive()
+    assert_keeps_polling(policy)
+    client_side.sendall(b"polled")
+    assert receiving.join() == b"polled"
+
+
+def test_a_poller_gives_way_when_another_connection_wakes(socket_pairs):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
+    first_server, first_client = socket_pairs()
+    second_server, second_client = socket_pairs()
+    first = ReceivingThread(policy.receiver(), first_server)
+    second = ReceivingThread(policy.receiver(), second_server)
+    # Both start counted as working: the second cannot poll, so it
+    # sleeps; then the first, alone, polls for ever.
+    second.receive()
+    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
+               WAIT)
+    clock.now = QUIET_PERIOD  # the second's arrival is not recent
+    first.receive()
+    assert_keeps_polling(policy)
+    second_client.sendall(b"work")
+    assert second.join() == b"work"
+    # The second now has a message in hand: the first must stop polling
+    # and sleep, leaving the second as the only working connection.
+    wait_until(lambda: policy.working_count() == 1,
+               "the poller goes to sleep", WAIT)
+    first_client.sendall(b"later")
+    assert first.join() == b"later"
+    assert policy.working_count() == 2
+
+
+def test_no_connection_polls_while_another_one_works(socket_pairs):
+    policy = BusyPolling(window=1.0, clock=HandClock())
+    policy.receiver()  # a connection in the middle of a call
+    server_side, client_side = socket_pairs()
+    receiving = ReceivingThread(policy.receiver(), server_side)
+    receiving.receive()
+    wait_until(lambda: policy.working_count() == 1,
+               "the second one sleeps instead of polling", WAIT)
+    client_side.sendall(b"x")
+    assert receiving.join() == b"x"
+
+
+def test_no_connection_polls_after_another_one_received_lately(
+        socket_pairs):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
+    first_server, first_client = socket_pairs()
+    second_server, second_client = socket_pairs()
+    first = ReceivingThread(policy.receiver(), first_server)
+    second = ReceivingThread(policy.receiver(), second_server)
+    second.receive()  # cannot poll: the first still has work in hand
+    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
+               WAIT)
+    second_client.sendall(b"recent")
+    assert second.join() == b"recent"
+    second.receive()
+    # Nobody has work in hand now, but the second received a message
+    # QUIET_PERIOD ago or less: the first does not poll, it sleeps.
+    clock.now = QUIET_PERIOD / 2
+    first.receive()
+    wait_until(lambda: policy.working_count() == 0, "both sleep", WAIT)
+    first_client.sendall(b"a")
+    second_client.sendall(b"b")
+    assert (first.join(), second.join()) == (b"a", b"b")
+
+
+def test_its_own_latest_message_does_not_hide_another_connections(
+        socket_pairs):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
+    first_server, first_client = socket_pairs()
+    second_server, second_client = socket_pairs()
+    first = ReceivingThread(policy.receiver(), first_server)
+    second = ReceivingThread(policy.receiver(), second_server)
+    second_client.sendall(b"s")
+    second.receive()
+    assert second.join() == b"s"
+    first_client.sendall(b"f")
+    first.receive()
+    assert first.join() == b"f"
+    second.receive()
+    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
+               WAIT)
+    # The first received the latest message, but the second received one
+    # within QUIET_PERIOD: the first sleeps instead of polling.
+    clock.now = QUIET_PERIOD / 2
+    first.receive()
+    wait_until(lambda: policy.working_count() == 0, "the first sleeps",
+               WAIT)
+    first_client.sendall(b"f2")
+    assert first.join() == b"f2"
+    # Once the second has been quiet for QUIET_PERIOD, the first polls.
+    clock.now = QUIET_PERIOD
+    first.receive()
+    assert_keeps_polling(policy)
+    first_client.sendall(b"f3")
+    second_client.sendall(b"s2")
+    assert (first.join(), second.join()) == (b"f3", b"s2")
+
+
+def test_a_closed_receiver_no_longer_counts(socket_pairs):
+    policy = BusyPolling(window=1.0)
+    receiver = policy.receiver()
+    assert policy.working_count() == 1
+    receiver.close()
+    receiver.close()
+    assert policy.working_count() == 0
+
+
+def test_end_of_stream_while_polling_returns_zero(socket_pairs):
+    policy = BusyPolling(window=1.0, clock=HandClock())
+    server_side, client_side = socket_pairs()
+    receiving = ReceivingThread(policy.receiver(), server_side)
+    receiving.receive()
+    client_side.shutdown(socket.SHUT_WR)
+    assert receiving.join() == b""
+
+
+def test_a_negative_window_is_refused():
+    with pytest.raises(ValueError, match="negative"):
+        BusyPolling(window=-1)
