@@ -18,6 +18,7 @@ was lost would break the sum.  A resolvable counter
 below the number of commits the writers reported.
 """
 
+import os
 import random
 import select
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import transaction
@@ -432,6 +434,102 @@ def test_closing_wakes_a_leader_and_stops_the_reader(raw_connection):
     thread.join(5)
     assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
     assert closed.is_set() and not connection._thread.is_alive()
+
+
+# -- a lone leader polls before it sleeps -----------------------------------
+
+def thread_cpu_seconds(thread):
+    """CPU time `thread` has used so far (Linux: /proc)."""
+    path = "/proc/self/task/%d/stat" % thread.native_id
+    with open(path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def polling_connection(scripted):
+    """Open a bare `Connection` to a scripted server with a given busy-poll
+    window (microseconds)."""
+    opened = []
+
+    def open_(busy_poll):
+        server = scripted()
+        connection = Connection.open(server.address, ThreadRecorder(),
+                                     lambda connection: None, 5, busy_poll)
+        opened.append(connection)
+        return server, connection
+
+    yield open_
+    for connection in opened:
+        connection.close()
+
+
+def answer_after(server, name, delay, caller, count=1):
+    """Reply to the `count`th `name` call `delay` seconds after it came;
+    return the CPU time `caller` used until the reply was sent."""
+    request = server.wait_for(name, count)[-1]
+    time.sleep(delay)
+    cpu = thread_cpu_seconds(caller)
+    server.reply(request.msgid, p64(count))
+    return cpu
+
+
+@leading
+def test_a_lone_leader_polls_for_its_reply(polling_connection):
+    server, connection = polling_connection(busy_poll=5_000_000)
+    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
+    cpu = answer_after(server, "getTid", 0.5, caller)
+    caller.join(5)
+    assert outcome == [p64(1)]
+    assert cpu >= 0.25  # it spent the half second polling, not asleep
+
+
+@leading
+def test_a_leader_sleeps_after_the_window_and_then_stops_polling(
+        polling_connection):
+    server, connection = polling_connection(busy_poll=300_000)
+    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
+    cpu = answer_after(server, "getTid", 1.5, caller)
+    caller.join(5)
+    assert outcome == [p64(1)]
+    assert 0.15 <= cpu < 1.0  # polled for 0.3 s, then slept
+    # The reply took longer than the window: the next wait does not poll.
+    caller, outcome = start_call(connection, "test-caller", "getTid", p64(2))
+    cpu = answer_after(server, "getTid", 0.5, caller, count=2)
+    caller.join(5)
+    assert outcome == [p64(2)]
+    assert cpu < 0.1
+
+
+@leading
+def test_a_leader_stops_polling_when_another_caller_waits(
+        polling_connection):
+    server, connection = polling_connection(busy_poll=10_000_000)
+    first, first_outcome = start_call(connection, "test-first", "vote", 1)
+    (vote,) = server.wait_for("vote")
+    wait_until_leading(connection)
+    second, second_outcome = start_call(connection, "test-second", "getTid",
+                                        p64(1))
+    (request,) = server.wait_for("getTid")
+    time.sleep(0.1)
+    cpu_before = thread_cpu_seconds(first)
+    time.sleep(0.5)
+    assert thread_cpu_seconds(first) - cpu_before < 0.1  # asleep
+    server.reply(request.msgid, p64(7))
+    server.reply(vote.msgid, [])
+    first.join(5)
+    second.join(5)
+    assert (first_outcome, second_outcome) == ([[]], [p64(7)])
+
+
+@leading
+def test_the_server_hanging_up_ends_a_polling_wait(polling_connection):
+    server, connection = polling_connection(busy_poll=10_000_000)
+    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
+    server.wait_for("getTid")
+    server.sock.shutdown(socket.SHUT_RDWR)
+    caller.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
 
 
 # -- many threads, many processes ------------------------------------------

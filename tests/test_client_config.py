@@ -42,9 +42,11 @@ def test_storage_from_string_round_trip(served):
         wait-timeout 10
         server-sync true
         client-label from-config
+        busy-poll 50
     """ % (dead, served[1])))
     try:
         assert type(storage).__module__ == "zeo.ClientStorage"
+        assert storage._link.busy_poll == 50
         assert storage.is_connected()
         assert storage.getName() == "configured"
         assert not storage.isReadOnly()
@@ -102,6 +104,7 @@ def test_example_client_conf_parses():
      "read-only-fallback"),
     ("server 127.0.0.1:1\nmin-disconnect-poll 10\nmax-disconnect-poll 5",
      "max-disconnect-poll"),
+    ("server 127.0.0.1:1\nbusy-poll -1", "busy-poll"),
 ])
 def test_bad_configuration_is_reported_clearly(body, message):
     with pytest.raises(ZConfig.ConfigurationError) as caught:
@@ -114,6 +117,12 @@ def test_blob_dir_is_refused_until_blobs_are_supported(served, tmp_path):
         ZODB.config.storageFromString(client_config(
             "server 127.0.0.1:%d\nblob-dir %s" % (served[1], tmp_path)))
     assert "blob" in str(caught.value)
+
+
+def test_negative_busy_poll_argument_is_refused():
+    with pytest.raises(ClientStorageError, match="busy_poll"):
+        zeo.ClientStorage.ClientStorage(("127.0.0.1", 1), wait=False,
+                                        busy_poll=-5)
 
 
 def test_unreachable_server_fails_after_wait_timeout():

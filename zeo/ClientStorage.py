@@ -34,6 +34,7 @@ from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ClientStorageError
 from zeo.client.cache import ClientCache, next_tid
 from zeo.client.cache_file import FileClientCache, cache_file_path
+from zeo.client.connection import DEFAULT_BUSY_POLL
 from zeo.client.iterator import IteratorGarbage, TransactionIterator
 from zeo.client.manager import (
     CONNECT_TIMEOUT, ConnectionManager, RetryPolicy, normalize_addresses)
@@ -100,6 +101,10 @@ class ClientStorage(ConflictResolvingStorage):
     `drop_cache_rather_verify`: when a reconnecting client missed more
     transactions than the server remembers, drop the whole cache at once
     instead of reading the server's history to find what changed.
+    `busy_poll` (microseconds; 0 turns it off): how long a thread waiting
+    alone for a reply polls the socket before it sleeps, which saves a
+    wake-up per round trip when the server answers quickly (see
+    `zeo.client.connection`).
 
     Not supported yet: `blob_dir` (an error; `shared_blob_dir` is
     ignored).
@@ -111,7 +116,9 @@ class ClientStorage(ConflictResolvingStorage):
                  read_only=False, read_only_fallback=False, blob_dir=None,
                  shared_blob_dir=False, server_sync=False, client_label=None,
                  drop_cache_rather_verify=False, cache_trace=None,
-                 **ignored):
+                 busy_poll=DEFAULT_BUSY_POLL, **ignored):
+        if busy_poll < 0:
+            raise ClientStorageError("busy_poll cannot be negative")
         if blob_dir is not None:
             raise ClientStorageError("blobs are not supported by this "
                                      "client yet (blob_dir=%r)" % (blob_dir,))
@@ -147,7 +154,7 @@ class ClientStorage(ConflictResolvingStorage):
             read_only=self._read_only, read_only_fallback=read_only_fallback,
             client_label=client_label,
             retry=RetryPolicy(min_disconnect_poll, max_disconnect_poll),
-            name=name or str(addresses[0]))
+            name=name or str(addresses[0]), busy_poll=busy_poll)
         try:
             self._link.connect(wait, DEFAULT_WAIT_TIMEOUT
                                if wait_timeout is None else wait_timeout)

@@ -29,15 +29,26 @@ reader thread sleeps through the round trips of a leading caller.
 Without `select.epoll` (not Linux) callers never lead and the reader
 thread does all the reading.
 
+A lone leader polls before it sleeps: it tries a non-blocking read,
+yielding the processor between attempts, for up to the connection's
+busy-poll window, and only then blocks in `recv`.  A reply that comes
+within the window (a load from a nearby server) then costs no wake-up at
+all.  It polls only while no other caller waits on the connection (a
+busy multi-threaded client spends its CPU on its threads instead), and
+only if the previous reply came within the window (a slow or distant
+server is not expected back soon).
+
 `ConnectionManager` (in `zeo.client.manager`) owns the addresses,
 registration and the heartbeat; this module knows nothing about storages.
 """
 
 import collections
 import logging
+import os
 import select
 import socket
 import threading
+import time
 
 from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ProtocolError
@@ -49,6 +60,12 @@ _RECV_SIZE = 256 * 1024
 #: One-way calls held back for the next send, at most this many bytes
 #: (a large upload goes out as it is produced).
 _HOLD_LIMIT = 256 * 1024
+
+#: How long a leading caller polls for its reply by default, in
+#: microseconds (ClientStorage's `busy_poll`).
+DEFAULT_BUSY_POLL = 300
+#: Polling needs a non-blocking receive flag and a way to yield the CPU.
+_CAN_POLL = hasattr(socket, "MSG_DONTWAIT") and hasattr(os, "sched_yield")
 
 #: One-way calls a server may make on a client (PROTOCOL.md 7).
 SERVER_CALLS = ("invalidateTransaction", "info")
@@ -186,7 +203,8 @@ class Connection:
     apply only the newer ones (PROTOCOL.md 8.1 step 7).
     """
 
-    def __init__(self, sock, codec, reader, address, handler, on_close):
+    def __init__(self, sock, codec, reader, address, handler, on_close,
+                 busy_poll=DEFAULT_BUSY_POLL):
         self.address = address
         self.label = _format_address(address)
         self._sock = sock
@@ -200,6 +218,9 @@ class Connection:
         self._dispatch_lock = threading.Lock()  # wire order vs release()
         self._inbox = collections.deque()  # payloads read, not yet applied
         self._read_failure = None  # why a leading caller stopped reading
+        #: Seconds a lone leader polls before sleeping (0: never).
+        self._poll_window = busy_poll / 1e6 if _CAN_POLL else 0
+        self._replies_quick = True  # the last led reply came within it
         if hasattr(select, "epoll"):
             self._readiness = _Readiness(sock)
             self._lead = self._lead_reading
@@ -218,7 +239,8 @@ class Connection:
             daemon=True)
 
     @classmethod
-    def open(cls, address, handler, on_close, timeout):
+    def open(cls, address, handler, on_close, timeout,
+             busy_poll=DEFAULT_BUSY_POLL):
         """Connect, handshake and start reading; errors propagate."""
         sock = connect_socket(address, timeout)
         try:
@@ -226,7 +248,8 @@ class Connection:
         except BaseException:
             sock.close()
             raise
-        connection = cls(sock, codec, reader, address, handler, on_close)
+        connection = cls(sock, codec, reader, address, handler, on_close,
+                         busy_poll)
         connection._thread.start()
         return connection
 
@@ -364,9 +387,7 @@ class Connection:
                 return
             self._readiness.disarm()
             try:
-                while not waiter.finished:
-                    if not self._receive(blocking=True):
-                        break
+                self._read_until_finished(waiter)
             except Exception as error:
                 # The reader thread ends the connection: it wakes up to
                 # the shut-down socket once the role is free.
@@ -382,6 +403,36 @@ class Connection:
         finally:
             self._read_lock.release()
 
+    def _read_until_finished(self, waiter):
+        """Poll (see the module's docstring), then block, until `waiter`
+        is finished or the stream ends."""
+        window = self._poll_window
+        started = time.monotonic()
+        reading = True
+        if window and self._replies_quick:
+            reading = self._poll_until_finished(waiter, started + window)
+        while reading and not waiter.finished:
+            reading = self._receive(blocking=True)
+        self._replies_quick = time.monotonic() - started <= window
+
+    def _poll_until_finished(self, waiter, deadline):
+        """Non-blocking reads until `waiter` is finished (True), the
+        deadline passes or another caller waits (True: go and block), or
+        the stream ends (False)."""
+        sock = self._sock
+        waiters = self._waiters
+        while not waiter.finished and len(waiters) <= 1:
+            try:
+                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return True
+                os.sched_yield()
+                continue
+            if not self._apply_received(data):
+                return False
+        return True
+
     # -- reading: what both do, holding the read lock -------------------------
 
     def _receive(self, blocking):
@@ -392,6 +443,11 @@ class Connection:
                 _RECV_SIZE, 0 if blocking else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
+        return self._apply_received(data)
+
+    def _apply_received(self, data):
+        """Apply the bytes just read; False if they mark the end of the
+        stream."""
         if not data:
             return False
         self._inbox.extend(self._frames.feed(data))

@@ -24,7 +24,7 @@ import threading
 from ZODB.POSException import ReadOnlyError
 
 from zeo.Exceptions import ClientDisconnected
-from zeo.client.connection import Connection
+from zeo.client.connection import DEFAULT_BUSY_POLL, Connection
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ConnectionManager:
 
     def __init__(self, addresses, storage_name, client, read_only=False,
                  read_only_fallback=False, client_label=None,
-                 retry=None, name="zeo"):
+                 retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL):
         self.addresses = list(addresses)
         self.storage_name = storage_name
         self.read_only = read_only
@@ -103,6 +103,7 @@ class ConnectionManager:
         self.client_label = client_label
         self.retry = retry or RetryPolicy()
         self.name = name
+        self.busy_poll = busy_poll
         self._client = client
         self._lock = threading.Lock()  # _connection, _pending, read-only
         self._connection = None
@@ -209,7 +210,7 @@ class ConnectionManager:
         try:
             connection = Connection.open(
                 address, self._client, self._connection_closed,
-                CONNECT_TIMEOUT)
+                CONNECT_TIMEOUT, self.busy_poll)
         except Exception as error:
             self._last_error = "%s: %s" % (address, error)
             logger.info("cannot connect to %s", self._last_error)
