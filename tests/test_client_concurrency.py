@@ -18,7 +18,6 @@ was lost would break the sum.  A resolvable counter
 below the number of commits the writers reported.
 """
 
-import os
 import random
 import select
 import socket
@@ -438,12 +437,24 @@ def test_closing_wakes_a_leader_and_stops_the_reader(raw_connection):
 
 # -- a lone leader polls before it sleeps -----------------------------------
 
-def thread_cpu_seconds(thread):
-    """CPU time `thread` has used so far (Linux: /proc)."""
+def running_samples(thread, samples=20, interval=0.01):
+    """How many of `samples` looks at `thread` (Linux: /proc) found it
+    running or runnable.  A polling thread is runnable even when it has
+    yielded the processor (to a busy machine's other processes, say); a
+    thread asleep in `recv` never is."""
     path = "/proc/self/task/%d/stat" % thread.native_id
-    with open(path) as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    running = 0
+    for _ in range(samples):
+        with open(path) as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        running += state == "R"
+        time.sleep(interval)
+    return running
+
+
+#: Of 20 looks at a sleeping caller, this many may still catch it on its
+#: way into `recv`, or just woken.
+ASLEEP = 2
 
 
 @pytest.fixture
@@ -457,6 +468,15 @@ def polling_connection(scripted):
         connection = Connection.open(server.address, ThreadRecorder(),
                                      lambda connection: None, 5, busy_poll)
         opened.append(connection)
+        # One call first, then wait for the reading role to be free: the
+        # reader thread has started, and sleeps until there is something
+        # to read, so the next caller leads.
+        caller, outcome = start_call(connection, "test-warm-up", "ping")
+        server.reply(server.wait_for("ping")[0].msgid, None)
+        caller.join(5)
+        assert outcome == [None]
+        wait_until(lambda: not connection._read_lock.locked(),
+                   "nobody reads", 5)
         return server, connection
 
     yield open_
@@ -464,41 +484,46 @@ def polling_connection(scripted):
         connection.close()
 
 
-def answer_after(server, name, delay, caller, count=1):
-    """Reply to the `count`th `name` call `delay` seconds after it came;
-    return the CPU time `caller` used until the reply was sent."""
-    request = server.wait_for(name, count)[-1]
-    time.sleep(delay)
-    cpu = thread_cpu_seconds(caller)
-    server.reply(request.msgid, p64(count))
-    return cpu
+def call_and_wait(server, connection, count):
+    """Start the `count`th getTid call; return its thread, its outcome
+    list and its request once the server has it."""
+    caller, outcome = start_call(connection, "test-caller", "getTid",
+                                 p64(count))
+    request = server.wait_for("getTid", count)[-1]
+    return caller, outcome, request
+
+
+def answer(server, caller, outcome, request, value):
+    server.reply(request.msgid, value)
+    caller.join(5)
+    assert outcome == [value]
 
 
 @leading
 def test_a_lone_leader_polls_for_its_reply(polling_connection):
-    server, connection = polling_connection(busy_poll=5_000_000)
-    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
-    cpu = answer_after(server, "getTid", 0.5, caller)
-    caller.join(5)
-    assert outcome == [p64(1)]
-    assert cpu >= 0.25  # it spent the half second polling, not asleep
+    server, connection = polling_connection(busy_poll=10_000_000)
+    caller, outcome, request = call_and_wait(server, connection, 1)
+    assert running_samples(caller) >= 10
+    answer(server, caller, outcome, request, p64(1))
 
 
 @leading
 def test_a_leader_sleeps_after_the_window_and_then_stops_polling(
         polling_connection):
-    server, connection = polling_connection(busy_poll=300_000)
-    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
-    cpu = answer_after(server, "getTid", 1.5, caller)
-    caller.join(5)
-    assert outcome == [p64(1)]
-    assert 0.15 <= cpu < 1.0  # polled for 0.3 s, then slept
-    # The reply took longer than the window: the next wait does not poll.
-    caller, outcome = start_call(connection, "test-caller", "getTid", p64(2))
-    cpu = answer_after(server, "getTid", 0.5, caller, count=2)
-    caller.join(5)
-    assert outcome == [p64(2)]
-    assert cpu < 0.1
+    server, connection = polling_connection(busy_poll=1_000_000)
+    caller, outcome, request = call_and_wait(server, connection, 1)
+    assert running_samples(caller) >= 10  # within the window: polling
+    time.sleep(1.0)
+    assert running_samples(caller) <= ASLEEP  # past it: asleep
+    answer(server, caller, outcome, request, p64(1))
+    # That reply took longer than the window: the next wait sleeps at once.
+    caller, outcome, request = call_and_wait(server, connection, 2)
+    assert running_samples(caller) <= ASLEEP
+    answer(server, caller, outcome, request, p64(2))
+    # That one came within the window: the next wait polls again.
+    caller, outcome, request = call_and_wait(server, connection, 3)
+    assert running_samples(caller) >= 10
+    answer(server, caller, outcome, request, p64(3))
 
 
 @leading
@@ -512,9 +537,7 @@ def test_a_leader_stops_polling_when_another_caller_waits(
                                         p64(1))
     (request,) = server.wait_for("getTid")
     time.sleep(0.1)
-    cpu_before = thread_cpu_seconds(first)
-    time.sleep(0.5)
-    assert thread_cpu_seconds(first) - cpu_before < 0.1  # asleep
+    assert running_samples(first) <= ASLEEP
     server.reply(request.msgid, p64(7))
     server.reply(vote.msgid, [])
     first.join(5)
@@ -525,8 +548,7 @@ def test_a_leader_stops_polling_when_another_caller_waits(
 @leading
 def test_the_server_hanging_up_ends_a_polling_wait(polling_connection):
     server, connection = polling_connection(busy_poll=10_000_000)
-    caller, outcome = start_call(connection, "test-caller", "getTid", p64(1))
-    server.wait_for("getTid")
+    caller, outcome, _request = call_and_wait(server, connection, 1)
     server.sock.shutdown(socket.SHUT_RDWR)
     caller.join(5)
     assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
