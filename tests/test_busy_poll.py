@@ -36,12 +36,15 @@ class HandClock:
         return self.now
 
 
-class ReceivingThread:
-    """A thread that calls `receiver.recv_into` once per `receive()`."""
+class PolicyConnection:
+    """One connection of a policy on a socket pair: `receive()` calls its
+    receiver's `recv_into` on a thread, `join()` returns what it got, and
+    the test sends on `client`."""
 
-    def __init__(self, receiver, sock):
+    def __init__(self, receiver, sock, client):
         self._receiver = receiver
         self._sock = sock
+        self.client = client
         self._buffer = bytearray(1024)
         self._thread = None
         self.received = None
@@ -69,13 +72,16 @@ def assert_keeps_polling(policy):
 
 
 @pytest.fixture
-def socket_pairs():
+def connect():
+    """Factory: a new `PolicyConnection` of `policy` (its receiver made now,
+    so counted as working until it first sleeps)."""
     pairs = []
 
-    def make():
+    def make(policy):
         pair = socket.socketpair()
         pairs.append(pair)
-        return pair
+        server_side, client_side = pair
+        return PolicyConnection(policy.receiver(), server_side, client_side)
 
     yield make
     for pair in pairs:
@@ -83,72 +89,64 @@ def socket_pairs():
             sock.close()
 
 
-def test_a_new_connection_counts_as_working_until_it_sleeps(socket_pairs):
+def test_a_new_connection_counts_as_working_until_it_sleeps(connect):
     policy = BusyPolling(window=0)
-    server_side, client_side = socket_pairs()
-    receiving = ReceivingThread(policy.receiver(), server_side)
+    connection = connect(policy)
     assert policy.working_count() == 1
-    receiving.receive()
+    connection.receive()
     wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    client_side.sendall(b"hello")
-    assert receiving.join() == b"hello"
+    connection.client.sendall(b"hello")
+    assert connection.join() == b"hello"
     assert policy.working_count() == 1
 
 
-def test_a_lone_connection_polls_until_the_window_runs_out(socket_pairs):
+def test_a_lone_connection_polls_until_the_window_runs_out(connect):
     clock = HandClock()
     policy = BusyPolling(window=1.0, clock=clock)
-    server_side, client_side = socket_pairs()
-    receiving = ReceivingThread(policy.receiver(), server_side)
-    receiving.receive()
+    connection = connect(policy)
+    connection.receive()
     assert_keeps_polling(policy)
     clock.now = 1.0
     wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    client_side.sendall(b"late")
-    assert receiving.join() == b"late"
+    connection.client.sendall(b"late")
+    assert connection.join() == b"late"
 
 
-def test_a_message_within_the_window_is_received_by_polling(socket_pairs):
+def test_a_message_within_the_window_is_received_by_polling(connect):
     policy = BusyPolling(window=1.0, clock=HandClock())
-    server_side, client_side = socket_pairs()
-    receiver = policy.receiver()
-    client_side.sendall(b"quick")
-    buffer = bytearray(16)
-    count = receiver.recv_into(server_side, buffer)
-    assert bytes(buffer[:count]) == b"quick"
+    connection = connect(policy)
+    connection.client.sendall(b"quick")
+    connection.receive()
+    assert connection.join() == b"quick"
     assert policy.working_count() == 1
 
 
-def test_a_client_slower_than_the_window_is_not_polled_for(socket_pairs):
+def test_a_client_slower_than_the_window_is_not_polled_for(connect):
     clock = HandClock()
     policy = BusyPolling(window=1.0, clock=clock)
-    server_side, client_side = socket_pairs()
-    receiving = ReceivingThread(policy.receiver(), server_side)
-    receiving.receive()
+    connection = connect(policy)
+    connection.receive()
     clock.now = 5.0  # the client takes 5 s to come back
     wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    client_side.sendall(b"slow")
-    assert receiving.join() == b"slow"
+    connection.client.sendall(b"slow")
+    assert connection.join() == b"slow"
     # Next time it sleeps at once, although the clock stands still and
     # a poll would never end.
-    receiving.receive()
+    connection.receive()
     wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    client_side.sendall(b"quick again")  # no time passed: quick
-    assert receiving.join() == b"quick again"
+    connection.client.sendall(b"quick again")  # no time passed: quick
+    assert connection.join() == b"quick again"
     # A client back within the window is polled for again.
-    receiving.receive()
+    connection.receive()
     assert_keeps_polling(policy)
-    client_side.sendall(b"polled")
-    assert receiving.join() == b"polled"
+    connection.client.sendall(b"polled")
+    assert connection.join() == b"polled"
 
 
-def test_a_poller_gives_way_when_another_connection_wakes(socket_pairs):
+def test_a_poller_gives_way_when_another_connection_wakes(connect):
     clock = HandClock()
     policy = BusyPolling(window=1.0, clock=clock)
-    first_server, first_client = socket_pairs()
-    second_server, second_client = socket_pairs()
-    first = ReceivingThread(policy.receiver(), first_server)
-    second = ReceivingThread(policy.receiver(), second_server)
+    first, second = connect(policy), connect(policy)
     # Both start counted as working: the second cannot poll, so it
     # sleeps; then the first, alone, polls for ever.
     second.receive()
@@ -157,41 +155,41 @@ def test_a_poller_gives_way_when_another_connection_wakes(socket_pairs):
     clock.now = QUIET_PERIOD  # the second's arrival is not recent
     first.receive()
     assert_keeps_polling(policy)
-    second_client.sendall(b"work")
+    second.client.sendall(b"work")
     assert second.join() == b"work"
     # The second now has a message in hand: the first must stop polling
     # and sleep, leaving the second as the only working connection.
     wait_until(lambda: policy.working_count() == 1,
                "the poller goes to sleep", WAIT)
-    first_client.sendall(b"later")
+    first.client.sendall(b"later")
     assert first.join() == b"later"
     assert policy.working_count() == 2
 
 
-def test_no_connection_polls_while_another_one_works(socket_pairs):
-    policy = BusyPolling(window=1.0, clock=HandClock())
+def test_no_connection_polls_while_another_one_works(connect):
+    clock = HandClock()
+    policy = BusyPolling(window=1.0, clock=clock)
     policy.receiver()  # a connection in the middle of a call
-    server_side, client_side = socket_pairs()
-    receiving = ReceivingThread(policy.receiver(), server_side)
-    receiving.receive()
+    connection = connect(policy)
+    # The busy one's arrival is old news: only its work in hand can stop
+    # the new one from polling.
+    clock.now = QUIET_PERIOD
+    connection.receive()
     wait_until(lambda: policy.working_count() == 1,
                "the second one sleeps instead of polling", WAIT)
-    client_side.sendall(b"x")
-    assert receiving.join() == b"x"
+    connection.client.sendall(b"x")
+    assert connection.join() == b"x"
 
 
 def test_no_connection_polls_after_another_one_received_lately(
-        socket_pairs):
+        connect):
     clock = HandClock()
     policy = BusyPolling(window=1.0, clock=clock)
-    first_server, first_client = socket_pairs()
-    second_server, second_client = socket_pairs()
-    first = ReceivingThread(policy.receiver(), first_server)
-    second = ReceivingThread(policy.receiver(), second_server)
+    first, second = connect(policy), connect(policy)
     second.receive()  # cannot poll: the first still has work in hand
     wait_until(lambda: policy.working_count() == 1, "the second sleeps",
                WAIT)
-    second_client.sendall(b"recent")
+    second.client.sendall(b"recent")
     assert second.join() == b"recent"
     second.receive()
     # Nobody has work in hand now, but the second received a message
@@ -199,23 +197,20 @@ def test_no_connection_polls_after_another_one_received_lately(
     clock.now = QUIET_PERIOD / 2
     first.receive()
     wait_until(lambda: policy.working_count() == 0, "both sleep", WAIT)
-    first_client.sendall(b"a")
-    second_client.sendall(b"b")
+    first.client.sendall(b"a")
+    second.client.sendall(b"b")
     assert (first.join(), second.join()) == (b"a", b"b")
 
 
 def test_its_own_latest_message_does_not_hide_another_connections(
-        socket_pairs):
+        connect):
     clock = HandClock()
     policy = BusyPolling(window=1.0, clock=clock)
-    first_server, first_client = socket_pairs()
-    second_server, second_client = socket_pairs()
-    first = ReceivingThread(policy.receiver(), first_server)
-    second = ReceivingThread(policy.receiver(), second_server)
-    second_client.sendall(b"s")
+    first, second = connect(policy), connect(policy)
+    second.client.sendall(b"s")
     second.receive()
     assert second.join() == b"s"
-    first_client.sendall(b"f")
+    first.client.sendall(b"f")
     first.receive()
     assert first.join() == b"f"
     second.receive()
@@ -227,18 +222,18 @@ def test_its_own_latest_message_does_not_hide_another_connections(
     first.receive()
     wait_until(lambda: policy.working_count() == 0, "the first sleeps",
                WAIT)
-    first_client.sendall(b"f2")
+    first.client.sendall(b"f2")
     assert first.join() == b"f2"
     # Once the second has been quiet for QUIET_PERIOD, the first polls.
     clock.now = QUIET_PERIOD
     first.receive()
     assert_keeps_polling(policy)
-    first_client.sendall(b"f3")
-    second_client.sendall(b"s2")
+    first.client.sendall(b"f3")
+    second.client.sendall(b"s2")
     assert (first.join(), second.join()) == (b"f3", b"s2")
 
 
-def test_a_closed_receiver_no_longer_counts(socket_pairs):
+def test_a_closed_receiver_no_longer_counts(connect):
     policy = BusyPolling(window=1.0)
     receiver = policy.receiver()
     assert policy.working_count() == 1
@@ -247,13 +242,12 @@ def test_a_closed_receiver_no_longer_counts(socket_pairs):
     assert policy.working_count() == 0
 
 
-def test_end_of_stream_while_polling_returns_zero(socket_pairs):
+def test_end_of_stream_while_polling_returns_zero(connect):
     policy = BusyPolling(window=1.0, clock=HandClock())
-    server_side, client_side = socket_pairs()
-    receiving = ReceivingThread(policy.receiver(), server_side)
-    receiving.receive()
-    client_side.shutdown(socket.SHUT_WR)
-    assert receiving.join() == b""
+    connection = connect(policy)
+    connection.receive()
+    connection.client.shutdown(socket.SHUT_WR)
+    assert connection.join() == b""
 
 
 def test_a_negative_window_is_refused():
