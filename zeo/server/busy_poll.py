@@ -72,6 +72,8 @@ class BusyPolling:
         return receiver
 
     def record_arrival(self, receiver, now):
+        """`receiver` got a message at `now` (keeping the latest arrival
+        by any other receiver for `others_quiet`)."""
         last = self._last_arrival
         if last[0] is not receiver:
             self._other_arrival = last
