@@ -407,8 +407,18 @@ def run(options):
     print("Client CPU time per operation (lower is better): user + system "
           "time of the client")
     print("processes (all their threads) during the window / operations "
-          "completed, median;")
-    print("here ours/ZEO above 1 means our client spends more CPU per "
+          "completed, median.")
+    print("Servers: the same client on our server and on ZEO's; ours/ZEO "
+          "above 1 means the")
+    print("client works more per operation with our server.  On a machine "
+          "of N CPUs that")
+    print("the clients fill, no line can pass N / (client + server CPU per "
+          "operation).")
+    print("\n".join(format_table(
+        results, SERVER_COMPARISONS, "client",
+        lambda m: m.client_cpu_per_operation, "us/op", "%.1f")))
+    print()
+    print("Clients: ours/ZEO above 1 means our client spends more CPU per "
           "operation.")
     print("\n".join(format_table(
         results, CLIENT_COMPARISONS, "compared",
