@@ -18,6 +18,7 @@ from ZODB.utils import maxtid, p64, z64
 
 from conftest import closing_all
 from raw_client import RawClient, RemoteError
+from zeo import wire
 from zeo.server import StorageServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,6 +180,77 @@ def test_waiting_voter_keeps_loading_and_sees_winner_first(server):
     status = server.storages["1"].status("stub")
     assert (status["conflicts"], status["waiting"]) == (1, 0)
     assert status["lock_time"] is None
+
+
+def session_labelled(server, client, label):
+    """The server's session of `client`, found by a label it sets."""
+    client.call("set_client_label", label)
+    sessions = server.storages["1"].sessions
+    return next(session for session in sessions
+                if session.channel.label.startswith(label))
+
+
+def test_next_voter_gets_the_lock_before_invalidations_are_sent(server):
+    """Rule 2 asks for the invalidations to be queued under the commit
+    lock, not sent: the lock goes to the next voter first, and a slow send
+    to a bystander does not hold up commits."""
+    winner = connect(server)
+    base = commit(winner, 1, [(ROOT, z64, 1)])
+    voter = connect(server)
+    bystander = connect(server)
+    paused = session_labelled(server, bystander, "bystander")
+    sending = threading.Event()
+    may_send = threading.Event()
+    send_queued = paused.send_queued
+
+    def slow_send_queued():
+        sending.set()
+        assert may_send.wait(10)
+        send_queued()
+
+    paused.send_queued = slow_send_queued
+    try:
+        begin_and_store(winner, 2, [(ROOT, base, 2)])
+        assert winner.call("vote", 2) == []
+        begin_and_store(voter, 3, [(OTHER, z64, 3)])
+        voter.send_message(30, False, "vote", (3,))
+        winner.send_message(20, False, "tpc_finish", (2,))
+        assert sending.wait(10)
+        # The bystander's send is stuck, yet the voter has the lock.
+        seen = messages_until_reply(voter, 30, timeout=5)
+        assert [m.name for m in seen] == ["invalidateTransaction", ".reply"]
+        assert seen[1].args == []
+        with pytest.raises(TimeoutError):
+            bystander.read_message(timeout=0.3)
+    finally:
+        may_send.set()
+    second = messages_until_reply(winner, 20)[-1].args
+    assert seen[0].args == (second, [ROOT])
+    message = bystander.read_message()
+    assert (message.name, message.args) == ("invalidateTransaction",
+                                            (second, [ROOT]))
+    third = voter.call("tpc_finish", 3)
+    message = bystander.read_message()
+    assert (message.name, message.args) == ("invalidateTransaction",
+                                            (third, [OTHER]))
+
+
+def test_one_commit_invalidates_clients_of_both_encodings(server):
+    """A broadcast is encoded once per encoding, not once per client:
+    each client still gets it in its own."""
+    writer = connect(server)
+    readers = []
+    for protocol in (wire.PICKLE_PROTOCOL, wire.MSGPACK_PROTOCOL) * 2:
+        reader = RawClient(server.address)
+        reader.handshake(protocol)
+        reader.register()
+        readers.append(reader)
+    tid = commit(writer, 1, [(ROOT, z64, 1), (OTHER, z64, 2)])
+    for reader in readers:
+        message = reader.read_message()
+        assert message.name == "invalidateTransaction"
+        assert message.args[0] == tid
+        assert sorted(message.args[1]) == [ROOT, OTHER]
 
 
 def test_committer_gets_info_then_reply_and_no_invalidation(server):

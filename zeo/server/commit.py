@@ -172,6 +172,7 @@ class Voted:
         self.vote_result = _unique(resolved + undone)
 
     def finish(self, served, committer):
+        """Commit; returns what `ServedStorage.finish` does."""
         try:
             return served.finish(committer, self.metadata, self.changed)
         finally:

@@ -71,13 +71,22 @@ class ServerConnection:
         self.outbox.put(wire.frame(self._encode_reply(msgid, value)),
                         wake_writer=False)
 
-    def push(self, method, args, wake_writer=True):
+    def push(self, method, args, wake_writer=True, encoded=None):
         """Queue a one-way call to the client (invalidations, info).
 
-        A caller that will `flush` soon passes `wake_writer=False`.
+        A caller that will `flush` soon passes `wake_writer=False`.  A
+        broadcast passes the same dict as `encoded` to every connection:
+        it keeps the frame per encoding, so a commit's invalidation is
+        encoded once (under the commit lock), not once per client.
         """
-        self.outbox.put(wire.frame(
-            self.codec.encode(0, wire.ONEWAY, method, args)), wake_writer)
+        if encoded is None:
+            data = wire.frame(self.codec.encode(0, wire.ONEWAY, method, args))
+        else:
+            data = encoded.get(self.codec.protocol)
+            if data is None:
+                data = encoded[self.codec.protocol] = wire.frame(
+                    self.codec.encode(0, wire.ONEWAY, method, args))
+        self.outbox.put(data, wake_writer)
 
     def flush(self):
         """Send what is queued if the socket has room; never blocks."""

@@ -54,8 +54,9 @@ PUBLISHED_READS = frozenset("""
 class Reply:
     """A call's outcome: a value or an error, and what to run once sent.
 
-    `after` is a commit-lock hand-off (see CommitLock.release): it must run
-    after the reply is queued, outside every lock.
+    `after` is a commit-lock hand-off (see CommitLock.release), or for a
+    commit `hand_off_then_send`: `run_handoffs` runs it after the reply is
+    queued, outside every lock.
     """
 
     __slots__ = ("value", "error", "after")
@@ -74,6 +75,23 @@ def run_handoffs(granted):
     """Run commit-lock hand-offs until one keeps the lock."""
     while granted is not None:
         granted = granted()
+
+
+def hand_off_then_send(granted, informed):
+    """What a commit leaves to do once its reply is queued: hand the lock
+    on, then send the invalidations queued on the `informed` sessions.
+
+    In that order because the next voter waits for the lock, and only for
+    it: with several clients committing, sending every invalidation first
+    would hold the lock for one socket send per client.  The invalidations
+    were queued under the publication lock, so each session's outbox keeps
+    them ahead of anything queued later, the next vote's reply included.
+    """
+    def after():
+        run_handoffs(granted)
+        for session in informed:
+            session.send_queued()
+    return after
 
 
 class Session:
@@ -364,12 +382,15 @@ class Session:
                 raise AssertionError("finished called wo lock")
             self._txn = None
             self.stats.add("active_txns", -1)
+            informed = ()
             try:
-                outcome = Reply(txn.finish(self.served, self))
+                tid, informed = txn.finish(self.served, self)
+                outcome = Reply(tid)
             except Exception as error:
                 self.log_error("tpc_finish", error)
                 outcome = Reply(error=error)
-            outcome.after = self.served.commit_lock.release(self)
+            outcome.after = hand_off_then_send(
+                self.served.commit_lock.release(self), informed)
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.
@@ -500,11 +521,12 @@ class Session:
     def push(self, method, *args):
         self.channel.push(method, args)
 
-    def queue_invalidation(self, tid, oids):
+    def queue_invalidation(self, tid, oids, encoded=None):
         """Queue a commit's invalidation; the committer calls
-        `send_queued` once it has left the publication lock."""
+        `send_queued` once it has left the commit lock.  (`encoded`: see
+        `ServerConnection.push`.)"""
         self.channel.push("invalidateTransaction", (tid, oids),
-                          wake_writer=False)
+                          wake_writer=False, encoded=encoded)
 
     def send_queued(self):
         self.channel.flush()

@@ -204,11 +204,15 @@ class ServedStorage:
     # -- commits ------------------------------------------------------------
 
     def finish(self, committer, transaction, changed_oids):
-        """Commit a voted transaction and publish it; return its tid.
+        """Commit a voted transaction and publish it.
 
         Under the publication lock: the storage's tpc_finish, the queue
         append, and the invalidation queued on every other session.  No load
         reply computed before the commit can then follow its invalidation.
+
+        Returns the tid and the sessions whose invalidation is queued but
+        not sent: the caller sends them (`Session.send_queued`) once the
+        commit lock is released, so the next voter does not wait for it.
         """
         tids = []
         with self.publication:
@@ -218,17 +222,17 @@ class ServedStorage:
             others = [session for session in self.sessions
                       if session is not committer]
             self._publish(tid, changed_oids, others)
-        self._send_queued(others)
         self.stats.add("commits")
         self._size_info = None
-        return tid
+        return tid, others
 
     def _publish(self, tid, oids, sessions):
         """Record a commit and queue its invalidation (publication lock
         held)."""
         self._invalidations.append((tid, oids))
+        encoded = {}
         for session in sessions:
-            session.queue_invalidation(tid, oids)
+            session.queue_invalidation(tid, oids, encoded)
 
     @staticmethod
     def _send_queued(sessions):
