@@ -88,9 +88,11 @@ def hand_off_then_send(granted, informed):
     them ahead of anything queued later, the next vote's reply included.
     """
     def after():
-        run_handoffs(granted)
-        for session in informed:
-            session.send_queued()
+        try:
+            run_handoffs(granted)
+        finally:  # nobody else would send them before the next reply
+            for session in informed:
+                session.send_queued()
     return after
 
 
