@@ -11,6 +11,7 @@ See PROTOCOL.md sections 1-4 for the format this implements.
 
 import collections
 import builtins
+import importlib.util
 import io
 import reprlib
 import pickle
@@ -573,11 +574,7 @@ def _msgpack_default(value):
 
 
 def msgpack_available():
-    try:
-        import msgpack  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("msgpack") is not None
 
 
 def codec_for(identifier, allowed_globals=SERVER_GLOBALS):
