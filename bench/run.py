@@ -348,6 +348,19 @@ def format_table(results, comparisons, second_column, figure, unit,
     return [render(columns), rule] + [render(row) for row in rows]
 
 
+def print_servers_and_clients(results, figure, unit, number_format,
+                              servers_caption, clients_caption):
+    """One figure's Servers table, then its Clients table, each after a
+    blank line and its caption."""
+    for caption, comparisons, second_column in (
+            (servers_caption, SERVER_COMPARISONS, "client"),
+            (clients_caption, CLIENT_COMPARISONS, "compared")):
+        print()
+        print(caption)
+        print("\n".join(format_table(results, comparisons, second_column,
+                                     figure, unit, number_format)))
+
+
 def run(options):
     lines = header(options)
     print("\n".join(lines), flush=True)
@@ -377,20 +390,13 @@ def run(options):
           "by all clients")
     print("of the line together, median of %d windows."
           % options.repetitions)
-    print()
-    print("Servers: the same client on our server (ours) and on the real "
-          "ZEO server.")
-    print("\n".join(format_table(
-        results, SERVER_COMPARISONS, "client",
-        lambda m: m.throughput, "ops/s", "%.0f")))
-    print()
-    print("Clients: pairs = our client on our server (ours) vs the ZEO "
-          "client on the ZEO")
-    print("server; on ZEO server = our client (ours) vs the ZEO client, "
-          "both on the ZEO server.")
-    print("\n".join(format_table(
-        results, CLIENT_COMPARISONS, "compared",
-        lambda m: m.throughput, "ops/s", "%.0f")))
+    print_servers_and_clients(
+        results, lambda m: m.throughput, "ops/s", "%.0f",
+        "Servers: the same client on our server (ours) and on the real "
+        "ZEO server.",
+        "Clients: pairs = our client on our server (ours) vs the ZEO "
+        "client on the ZEO\nserver; on ZEO server = our client (ours) vs "
+        "the ZEO client, both on the ZEO server.")
     server_cpu = format_table(
         results, SERVER_COMPARISONS, "client",
         lambda m: m.cpu_per_operation, "us/op", "%.1f")
@@ -408,21 +414,14 @@ def run(options):
           "time of the client")
     print("processes (all their threads) during the window / operations "
           "completed, median.")
-    print("Servers: the same client on our server and on ZEO's; ours/ZEO "
-          "above 1 means the")
-    print("client works more per operation with our server.  On a machine "
-          "of N CPUs that")
-    print("the clients fill, no line can pass N / (client + server CPU per "
-          "operation).")
-    print("\n".join(format_table(
-        results, SERVER_COMPARISONS, "client",
-        lambda m: m.client_cpu_per_operation, "us/op", "%.1f")))
-    print()
-    print("Clients: ours/ZEO above 1 means our client spends more CPU per "
-          "operation.")
-    print("\n".join(format_table(
-        results, CLIENT_COMPARISONS, "compared",
-        lambda m: m.client_cpu_per_operation, "us/op", "%.1f")))
+    print_servers_and_clients(
+        results, lambda m: m.client_cpu_per_operation, "us/op", "%.1f",
+        "Servers: the same client on our server and on ZEO's; ours/ZEO "
+        "above 1 means the\nclient works more per operation with our "
+        "server.  On a machine of N CPUs that\nthe clients fill, no line "
+        "can pass N / (client + server CPU per operation).",
+        "Clients: ours/ZEO above 1 means our client spends more CPU per "
+        "operation.")
     print()
     persistent_cache.print_report(cache_results, options)
     print()
