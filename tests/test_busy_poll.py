@@ -39,7 +39,7 @@ class HandClock:
 class PolicyConnection:
     """One connection of a policy on a socket pair: `receive()` calls its
     receiver's `recv_into` on a thread, `join()` returns what it got, and
-    the test sends on `client`."""
+    the test sends on `client` (`deliver` sends and checks the receipt)."""
 
     def __init__(self, receiver, sock, client):
         self._receiver = receiver
@@ -61,6 +61,16 @@ class PolicyConnection:
         self._thread.join(WAIT)
         assert not self._thread.is_alive(), "recv_into did not return"
         return self.received
+
+    def deliver(self, data):
+        """The client sends `data`; the pending `receive` gets exactly it."""
+        self.client.sendall(data)
+        assert self.join() == data
+
+
+def wait_for_working(policy, count, what):
+    """Wait until `count` connections have work (the others sleep)."""
+    wait_until(lambda: policy.working_count() == count, what, WAIT)
 
 
 def assert_keeps_polling(policy):
@@ -94,9 +104,8 @@ def test_a_new_connection_counts_as_working_until_it_sleeps(connect):
     connection = connect(policy)
     assert policy.working_count() == 1
     connection.receive()
-    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    connection.client.sendall(b"hello")
-    assert connection.join() == b"hello"
+    wait_for_working(policy, 0, "it sleeps")
+    connection.deliver(b"hello")
     assert policy.working_count() == 1
 
 
@@ -107,9 +116,8 @@ def test_a_lone_connection_polls_until_the_window_runs_out(connect):
     connection.receive()
     assert_keeps_polling(policy)
     clock.now = 1.0
-    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    connection.client.sendall(b"late")
-    assert connection.join() == b"late"
+    wait_for_working(policy, 0, "it sleeps")
+    connection.deliver(b"late")
 
 
 def test_a_message_within_the_window_is_received_by_polling(connect):
@@ -127,20 +135,17 @@ def test_a_client_slower_than_the_window_is_not_polled_for(connect):
     connection = connect(policy)
     connection.receive()
     clock.now = 5.0  # the client takes 5 s to come back
-    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    connection.client.sendall(b"slow")
-    assert connection.join() == b"slow"
+    wait_for_working(policy, 0, "it sleeps")
+    connection.deliver(b"slow")
     # Next time it sleeps at once, although the clock stands still and
     # a poll would never end.
     connection.receive()
-    wait_until(lambda: policy.working_count() == 0, "it sleeps", WAIT)
-    connection.client.sendall(b"quick again")  # no time passed: quick
-    assert connection.join() == b"quick again"
+    wait_for_working(policy, 0, "it sleeps")
+    connection.deliver(b"quick again")  # no time passed: quick
     # A client back within the window is polled for again.
     connection.receive()
     assert_keeps_polling(policy)
-    connection.client.sendall(b"polled")
-    assert connection.join() == b"polled"
+    connection.deliver(b"polled")
 
 
 def test_a_poller_gives_way_when_another_connection_wakes(connect):
@@ -150,19 +155,15 @@ def test_a_poller_gives_way_when_another_connection_wakes(connect):
     # Both start counted as working: the second cannot poll, so it
     # sleeps; then the first, alone, polls for ever.
     second.receive()
-    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
-               WAIT)
+    wait_for_working(policy, 1, "the second sleeps")
     clock.now = QUIET_PERIOD  # the second's arrival is not recent
     first.receive()
     assert_keeps_polling(policy)
-    second.client.sendall(b"work")
-    assert second.join() == b"work"
+    second.deliver(b"work")
     # The second now has a message in hand: the first must stop polling
     # and sleep, leaving the second as the only working connection.
-    wait_until(lambda: policy.working_count() == 1,
-               "the poller goes to sleep", WAIT)
-    first.client.sendall(b"later")
-    assert first.join() == b"later"
+    wait_for_working(policy, 1, "the poller goes to sleep")
+    first.deliver(b"later")
     assert policy.working_count() == 2
 
 
@@ -175,10 +176,8 @@ def test_no_connection_polls_while_another_one_works(connect):
     # the new one from polling.
     clock.now = QUIET_PERIOD
     connection.receive()
-    wait_until(lambda: policy.working_count() == 1,
-               "the second one sleeps instead of polling", WAIT)
-    connection.client.sendall(b"x")
-    assert connection.join() == b"x"
+    wait_for_working(policy, 1, "the second one sleeps instead of polling")
+    connection.deliver(b"x")
 
 
 def test_no_connection_polls_after_another_one_received_lately(
@@ -187,16 +186,14 @@ def test_no_connection_polls_after_another_one_received_lately(
     policy = BusyPolling(window=1.0, clock=clock)
     first, second = connect(policy), connect(policy)
     second.receive()  # cannot poll: the first still has work in hand
-    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
-               WAIT)
-    second.client.sendall(b"recent")
-    assert second.join() == b"recent"
+    wait_for_working(policy, 1, "the second sleeps")
+    second.deliver(b"recent")
     second.receive()
     # Nobody has work in hand now, but the second received a message
     # QUIET_PERIOD ago or less: the first does not poll, it sleeps.
     clock.now = QUIET_PERIOD / 2
     first.receive()
-    wait_until(lambda: policy.working_count() == 0, "both sleep", WAIT)
+    wait_for_working(policy, 0, "both sleep")
     first.client.sendall(b"a")
     second.client.sendall(b"b")
     assert (first.join(), second.join()) == (b"a", b"b")
@@ -214,16 +211,13 @@ def test_its_own_latest_message_does_not_hide_another_connections(
     first.receive()
     assert first.join() == b"f"
     second.receive()
-    wait_until(lambda: policy.working_count() == 1, "the second sleeps",
-               WAIT)
+    wait_for_working(policy, 1, "the second sleeps")
     # The first received the latest message, but the second received one
     # within QUIET_PERIOD: the first sleeps instead of polling.
     clock.now = QUIET_PERIOD / 2
     first.receive()
-    wait_until(lambda: policy.working_count() == 0, "the first sleeps",
-               WAIT)
-    first.client.sendall(b"f2")
-    assert first.join() == b"f2"
+    wait_for_working(policy, 0, "the first sleeps")
+    first.deliver(b"f2")
     # Once the second has been quiet for QUIET_PERIOD, the first polls.
     clock.now = QUIET_PERIOD
     first.receive()

@@ -501,12 +501,21 @@ def answer(server, caller, outcome, request, value):
     assert outcome == [value]
 
 
+def assert_waits(server, connection, count, polling):
+    """The `count`th getTid call's caller waits polling (or, with `polling`
+    false, asleep) until it gets its reply, answered then."""
+    caller, outcome, request = call_and_wait(server, connection, count)
+    if polling:
+        assert running_samples(caller) >= POLLING
+    else:
+        assert running_samples(caller) <= ASLEEP
+    answer(server, caller, outcome, request, p64(count))
+
+
 @leading
 def test_a_lone_leader_polls_for_its_reply(polling_connection):
     server, connection = polling_connection(busy_poll=10_000_000)
-    caller, outcome, request = call_and_wait(server, connection, 1)
-    assert running_samples(caller) >= POLLING
-    answer(server, caller, outcome, request, p64(1))
+    assert_waits(server, connection, 1, polling=True)
 
 
 @leading
@@ -519,13 +528,9 @@ def test_a_leader_sleeps_after_the_window_and_then_stops_polling(
     assert running_samples(caller) <= ASLEEP  # past it: asleep
     answer(server, caller, outcome, request, p64(1))
     # That reply took longer than the window: the next wait sleeps at once.
-    caller, outcome, request = call_and_wait(server, connection, 2)
-    assert running_samples(caller) <= ASLEEP
-    answer(server, caller, outcome, request, p64(2))
+    assert_waits(server, connection, 2, polling=False)
     # That one came within the window: the next wait polls again.
-    caller, outcome, request = call_and_wait(server, connection, 3)
-    assert running_samples(caller) >= POLLING
-    answer(server, caller, outcome, request, p64(3))
+    assert_waits(server, connection, 3, polling=True)
 
 
 @leading
