@@ -79,13 +79,11 @@ class ServerConnection:
         it keeps the frame per encoding, so a commit's invalidation is
         encoded once (under the commit lock), not once per client.
         """
-        if encoded is None:
-            data = wire.frame(self.codec.encode(0, wire.ONEWAY, method, args))
-        else:
-            data = encoded.get(self.codec.protocol)
-            if data is None:
-                data = encoded[self.codec.protocol] = wire.frame(
-                    self.codec.encode(0, wire.ONEWAY, method, args))
+        shared = encoded if encoded is not None else {}
+        data = shared.get(self.codec.protocol)
+        if data is None:
+            data = shared[self.codec.protocol] = wire.frame(
+                self.codec.encode(0, wire.ONEWAY, method, args))
         self.outbox.put(data, wake_writer)
 
     def flush(self):
