@@ -32,6 +32,7 @@ from ZODB.tests import TransactionalUndoStorage
 from server_process import THEIRS
 from server_process import impl_from_environment
 from server_process import start_configured_server
+from server_process import stop_all
 from zeo import wire
 
 SERVER_IMPL = impl_from_environment()
@@ -184,11 +185,7 @@ def start_server(tmp_path):
         return server
 
     yield start
-    statuses = []
-    for server in servers:
-        statuses.append(server.stop())
-        print("---- log of %s server (pid %d) ----\n%s"
-              % (server.impl, server.process.pid, server.log))
+    statuses = stop_all(servers)
     assert statuses == [0] * len(servers), "server exit statuses"
 
 

@@ -133,6 +133,20 @@ class ServerProcess:
         self.stop()
 
 
+def stop_all(servers):
+    """Stop `servers` (SIGTERM) and return their exit statuses.
+
+    Each server's log is printed, so a test that fails on a status (or
+    anything else) shows what the server said.
+    """
+    statuses = []
+    for server in servers:
+        statuses.append(server.stop())
+        print("---- log of %s server (pid %d, exit status %s) ----\n%s"
+              % (server.impl, server.process.pid, statuses[-1], server.log))
+    return statuses
+
+
 def parse_address(text):
     if "/" in text:
         return text

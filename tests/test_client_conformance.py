@@ -27,7 +27,7 @@ from ZODB.tests import testZODB
 
 from conftest import CLIENT_TIMEOUT, STORAGE_CONFORMANCE_MIXINS
 from conftest import filestorage_section, server_environment
-from server_process import OURS, THEIRS, start_configured_server
+from server_process import OURS, THEIRS, start_configured_server, stop_all
 from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,12 +66,7 @@ class StoragePool:
 
     def stop(self):
         """Stop every server; return their exit statuses."""
-        statuses = []
-        for server in self.servers:
-            statuses.append(server.stop())
-            print("---- log of %s server (pid %d) ----\n%s"
-                  % (server.impl, server.process.pid, server.log))
-        return statuses
+        return stop_all(self.servers)
 
 
 @pytest.fixture(scope="class")

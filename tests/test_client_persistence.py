@@ -33,7 +33,7 @@ from ZODB.utils import z64
 
 from conftest import REPO_ROOT, server_environment
 from conftest import commit_stores, wait_until
-from server_process import ServerProcess, free_port
+from server_process import ServerProcess, free_port, stop_all
 from zeo.client.cache_file import cache_file_path
 
 #: How long a test waits for a client to notice a lost or new server.
@@ -60,10 +60,7 @@ def servers():
         return server
 
     yield start
-    statuses = [server.stop() for server in started]
-    for server in started:
-        print("---- log of server pid %d ----\n%s"
-              % (server.process.pid, server.log))
+    statuses = stop_all(started)
     assert statuses == [0] * len(started), "server exit statuses"
 
 

@@ -30,7 +30,7 @@ import zeo
 from conftest import (
     CLIENT_TIMEOUT, RawClient, commit_one, server_environment)
 from server_process import (
-    OURS, THEIRS, free_port, start_configured_server)
+    OURS, THEIRS, free_port, start_configured_server, stop_all)
 from zeo import wire
 from zeo.ClientStorage import ClientStorage
 from zeo.Exceptions import ClientDisconnected, ServerException
@@ -59,8 +59,8 @@ def servers(tmp_path):
         return server
 
     yield start
-    statuses = [server.stop() for server in started
-                if not getattr(server, "killed_by_test", False)]
+    statuses = stop_all(server for server in started
+                        if not getattr(server, "killed_by_test", False))
     assert statuses == [0] * len(statuses)
 
 
