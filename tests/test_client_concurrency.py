@@ -307,6 +307,23 @@ def wait_until_leading(connection):
     wait_until(connection._read_lock.locked, "a caller reads", 5)
 
 
+def lead_attempt_made(connection, thread_name):
+    """An event set once the caller on `thread_name` has tried to take
+    the reading role: from then on it only waits to be woken."""
+    made = threading.Event()
+    lead = connection._lead
+
+    def lead_and_tell(waiter):
+        try:
+            lead(waiter)
+        finally:
+            if threading.current_thread().name == thread_name:
+                made.set()
+
+    connection._lead = lead_and_tell
+    return made
+
+
 @leading
 def test_a_lone_caller_reads_its_own_reply(raw_connection):
     server, connection, recorder, _closed = raw_connection
@@ -348,13 +365,19 @@ def test_the_leader_applies_what_arrives_in_wire_order(raw_connection):
 
 @leading
 def test_the_reader_thread_takes_over_when_the_leader_leaves(raw_connection):
+    """A caller that found the role taken sleeps; once the leader has its
+    reply and leaves, the reader thread reads for the sleeper.  (A caller
+    that comes after the leader left would lead itself: the test waits
+    until the second caller has tried.)"""
     server, connection, recorder, _closed = raw_connection
     first, first_outcome = start_call(connection, "test-first", "vote", 1)
     (vote,) = server.wait_for("vote")
     wait_until_leading(connection)
+    second_tried = lead_attempt_made(connection, "test-second")
     second, second_outcome = start_call(connection, "test-second", "getTid",
                                         p64(1), apply=recorder.apply("late"))
     (request,) = server.wait_for("getTid")
+    assert second_tried.wait(5)
     server.reply(vote.msgid, [])
     first.join(5)
     assert first_outcome == [[]] and second.is_alive()
