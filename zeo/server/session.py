@@ -77,9 +77,10 @@ def run_handoffs(granted):
         granted = granted()
 
 
-def hand_off_then_send(granted, informed):
+def hand_off_then_send(granted, served, informed):
     """What a commit leaves to do once its reply is queued: hand the lock
-    on, then send the invalidations queued on the `informed` sessions.
+    on, then send the invalidations queued on the `informed` sessions of
+    `served`.
 
     In that order because the next voter waits for the lock, and only for
     it: with several clients committing, sending every invalidation first
@@ -91,8 +92,7 @@ def hand_off_then_send(granted, informed):
         try:
             run_handoffs(granted)
         finally:  # nobody else would send them before the next reply
-            for session in informed:
-                session.send_queued()
+            served.send_queued(informed)
     return after
 
 
@@ -392,7 +392,7 @@ class Session:
                 self.log_error("tpc_finish", error)
                 outcome = Reply(error=error)
             outcome.after = hand_off_then_send(
-                self.served.commit_lock.release(self), informed)
+                self.served.commit_lock.release(self), self.served, informed)
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.

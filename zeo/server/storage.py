@@ -211,7 +211,7 @@ class ServedStorage:
         reply computed before the commit can then follow its invalidation.
 
         Returns the tid and the sessions whose invalidation is queued but
-        not sent: the caller sends them (`Session.send_queued`) once the
+        not sent: the caller sends them (`send_queued`) once the
         commit lock is released, so the next voter does not wait for it.
         """
         tids = []
@@ -235,7 +235,7 @@ class ServedStorage:
             session.queue_invalidation(tid, oids, encoded)
 
     @staticmethod
-    def _send_queued(sessions):
+    def send_queued(sessions):
         """Push queued invalidations out from the committing thread: a
         non-blocking send each, cheaper than waking every writer thread."""
         for session in sessions:
@@ -247,7 +247,7 @@ class ServedStorage:
         with self.publication:
             sessions = list(self.sessions)
             self._publish(tid, oids, sessions)
-        self._send_queued(sessions)
+        self.send_queued(sessions)
         self._size_info = None
 
     def get_invalidations(self, tid):
