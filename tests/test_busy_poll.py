@@ -227,7 +227,7 @@ def test_its_own_latest_message_does_not_hide_another_connections(
     assert (first.join(), second.join()) == (b"f3", b"s2")
 
 
-def test_a_closed_receiver_no_longer_counts(connect):
+def test_a_closed_receiver_no_longer_counts():
     policy = BusyPolling(window=1.0)
     receiver = policy.receiver()
     assert policy.working_count() == 1

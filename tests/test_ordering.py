@@ -46,9 +46,11 @@ def server(make_server):
     return make_server()
 
 
-def connect(server):
+def connect(server, protocol=None):
+    """A registered raw client answering the greeting with `protocol`
+    (default: the server's own)."""
     client = RawClient(server.address)
-    client.handshake()
+    client.handshake(protocol)
     client.register()
     return client
 
@@ -239,12 +241,8 @@ def test_one_commit_invalidates_clients_of_both_encodings(server):
     """A broadcast is encoded once per encoding, not once per client:
     each client still gets it in its own."""
     writer = connect(server)
-    readers = []
-    for protocol in (wire.PICKLE_PROTOCOL, wire.MSGPACK_PROTOCOL) * 2:
-        reader = RawClient(server.address)
-        reader.handshake(protocol)
-        reader.register()
-        readers.append(reader)
+    readers = [connect(server, protocol) for protocol
+               in (wire.PICKLE_PROTOCOL, wire.MSGPACK_PROTOCOL) * 2]
     tid = commit(writer, 1, [(ROOT, z64, 1), (OTHER, z64, 2)])
     for reader in readers:
         message = reader.read_message()
