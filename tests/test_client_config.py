@@ -6,6 +6,8 @@ import pytest
 import transaction
 import ZConfig
 import ZODB.config
+import ZODB.interfaces
+import ZODB.POSException
 from ZODB.utils import z64
 
 import zeo
@@ -112,11 +114,19 @@ def test_bad_configuration_is_reported_clearly(body, message):
     assert message in str(caught.value)
 
 
-def test_blob_dir_is_refused_until_blobs_are_supported(served, tmp_path):
-    with pytest.raises(ClientStorageError) as caught:
-        ZODB.config.storageFromString(client_config(
-            "server 127.0.0.1:%d\nblob-dir %s" % (served[1], tmp_path)))
-    assert "blob" in str(caught.value)
+def test_blob_dir_makes_a_blob_storage_that_needs_a_blob_server(
+        served, tmp_path):
+    storage = ZODB.config.storageFromString(client_config(
+        "server 127.0.0.1:%d\nblob-dir %s" % (served[1], tmp_path)))
+    try:
+        assert ZODB.interfaces.IBlobStorage.providedBy(storage)
+        # A MappingStorage has no blobs: the server does not announce
+        # IBlobStorage, so blob operations are refused, clearly.
+        with pytest.raises(ZODB.POSException.Unsupported,
+                           match="does not support blobs"):
+            storage.loadBlob(z64, z64)
+    finally:
+        storage.close()
 
 
 def test_negative_busy_poll_argument_is_refused():

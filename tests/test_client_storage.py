@@ -16,6 +16,7 @@ import pytest
 import transaction
 import ZODB
 import ZODB.interfaces
+import ZODB.POSException
 from BTrees.Length import Length
 from zope.interface.verify import verifyObject
 from ZODB.Connection import TransactionMetaData
@@ -79,7 +80,21 @@ def test_provides_the_storage_interfaces(impl, servers, clients):
                       ZODB.interfaces.IStorageCurrentRecordIteration):
         assert interface.providedBy(storage), interface
         assert verifyObject(interface, storage)
+    # Blob support follows blob_dir (tests/test_blob_client*.py).
     assert not ZODB.interfaces.IBlobStorage.providedBy(storage)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blob_dir_needs_a_server_storage_with_blobs(impl, servers, clients,
+                                                    tmp_path):
+    storage = clients(servers(impl).address, blob_dir=str(tmp_path / "b"))
+    for interface in (ZODB.interfaces.IBlobStorage,
+                      ZODB.interfaces.IBlobStorageRestoreable):
+        assert verifyObject(interface, storage)
+    # This server's FileStorage has no blob-dir.
+    with pytest.raises(ZODB.POSException.Unsupported,
+                       match="does not support blobs"):
+        storage.openCommittedBlobFile(z64, z64)
 
 
 def test_optional_interfaces_follow_the_server_storage(clients):

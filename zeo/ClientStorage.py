@@ -10,6 +10,11 @@ applies replies and the server's invalidations to the cache in wire
 order, which is what gives every ZODB connection of a `ZODB.DB` on this
 storage a consistent MVCC snapshot.
 
+With a `blob_dir` it is a blob storage too (`zeo.client.blobs`): blobs
+are downloaded into a local cache on first use and streamed to the
+server on commit, or, with `shared_blob_dir`, read and written in a
+directory the server shares.
+
 When the connection drops, reads the cache can answer go on (as of the
 last transaction the cache knows), everything else raises
 `ClientDisconnected`, and the connection layer reconnects in the
@@ -24,14 +29,18 @@ import time
 
 import zope.interface
 import ZODB.BaseStorage
+import ZODB.blob
 import ZODB.interfaces
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.POSException import (
-    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError)
+    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError,
+    Unsupported)
 from ZODB.utils import maxtid, z64
 
 from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ClientStorageError
+from zeo.client.blob_cache import Downloads
+from zeo.client.blobs import open_blobs
 from zeo.client.cache import ClientCache, next_tid
 from zeo.client.cache_file import FileClientCache, cache_file_path
 from zeo.client.connection import DEFAULT_BUSY_POLL
@@ -52,7 +61,8 @@ MAX_VOTE_ROUNDS = 10
 
 #: Interfaces the client provides when the server's storage lists them in
 #: `get_info()['interfaces']` (PROTOCOL.md 6.3).  Blob interfaces are not
-#: here: this client does not transfer blobs.
+#: here: they follow the `blob_dir` argument, so that ZODB knows whether
+#: to use blobs before we are connected.
 OPTIONAL_INTERFACES = (
     ZODB.interfaces.IStorageUndoable,
     ZODB.interfaces.IStorageIteration,
@@ -75,6 +85,7 @@ class _Commit:
         self.txn_id = id(transaction)
         self.stored = {}  # oid -> data stored (None: nothing to cache)
         self.resolved = set()  # oids whose data the server changed
+        self.blobs = []  # (oid, file) of each blob uploaded
 
 
 @zope.interface.implementer(ZODB.interfaces.IMultiCommitStorage,
@@ -105,23 +116,24 @@ class ClientStorage(ConflictResolvingStorage):
     alone for a reply polls the socket before it sleeps, which saves a
     wake-up per round trip when the server answers quickly (see
     `zeo.client.connection`).
-
-    Not supported yet: `blob_dir` (an error; `shared_blob_dir` is
-    ignored).
+    `blob_dir` makes it a blob storage: the directory is the client's
+    blob cache, or with `shared_blob_dir` the server's own blob
+    directory, shared.  `blob_cache_size` (bytes; None: no limit) bounds
+    the cache, which is trimmed once the blobs added since the last trim
+    exceed `blob_cache_size_check` percent of it (see
+    `zeo.client.blob_trim`).
     """
 
     def __init__(self, addr, storage='1', cache_size=20 * 2 ** 20, name='',
                  client=None, var=None, min_disconnect_poll=5,
                  max_disconnect_poll=300, wait=True, wait_timeout=None,
                  read_only=False, read_only_fallback=False, blob_dir=None,
-                 shared_blob_dir=False, server_sync=False, client_label=None,
-                 drop_cache_rather_verify=False, cache_trace=None,
-                 busy_poll=DEFAULT_BUSY_POLL, **ignored):
+                 shared_blob_dir=False, blob_cache_size=None,
+                 blob_cache_size_check=10, server_sync=False,
+                 client_label=None, drop_cache_rather_verify=False,
+                 cache_trace=None, busy_poll=DEFAULT_BUSY_POLL, **ignored):
         if busy_poll < 0:
             raise ClientStorageError("busy_poll cannot be negative")
-        if blob_dir is not None:
-            raise ClientStorageError("blobs are not supported by this "
-                                     "client yet (blob_dir=%r)" % (blob_dir,))
         if ignored:
             logger.debug("ignoring ClientStorage options %s", sorted(ignored))
         addresses = normalize_addresses(addr)
@@ -140,6 +152,18 @@ class ClientStorage(ConflictResolvingStorage):
         self._tracer = open_tracer(trace_path(cache_trace, cache_path))
         if self._tracer is not None:
             self._cache.set_tracer(self._tracer)
+        self._blobs = None
+        if blob_dir is not None:
+            try:
+                self._blobs = open_blobs(
+                    blob_dir, shared_blob_dir, blob_cache_size,
+                    blob_cache_size_check, name or str(addresses[0]))
+            except ValueError as error:
+                self._close_cache()
+                raise ClientStorageError(str(error)) from None
+            self.fshelper = self._blobs.fshelper  # ZODB's blob copy uses it
+            zope.interface.alsoProvides(
+                self, ZODB.interfaces.IBlobStorageRestoreable)
         self._db = None
         self._info = {"length": 0, "size": 0, "supportsUndo": False,
                       "interfaces": ()}
@@ -159,8 +183,7 @@ class ClientStorage(ConflictResolvingStorage):
             self._link.connect(wait, DEFAULT_WAIT_TIMEOUT
                                if wait_timeout is None else wait_timeout)
         except BaseException:
-            self._link.close()
-            self._close_cache()
+            self.close()
             raise
 
     # -- connection ----------------------------------------------------------
@@ -272,6 +295,77 @@ class ClientStorage(ConflictResolvingStorage):
         for oid in oids:
             if self._cache.load_before(oid, tid) is None:
                 connection.load_before(oid, tid, apply=self._loaded(oid))
+
+    # -- IBlobStorage (provided with a blob_dir) ----------------------------
+
+    def loadBlob(self, oid, serial):
+        """The name of a file holding blob `(oid, serial)`."""
+        return self._blob_support().load(oid, serial, self._fetch_blob)
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        """Blob `(oid, serial)` open for reading: a `ZODB.blob.BlobFile`
+        for `blob` if given, else a plain file."""
+        if blob is None:
+            opener = _open_for_reading
+        else:
+            def opener(path):
+                return ZODB.blob.BlobFile(path, "r", blob)
+        return self._blob_support().open(oid, serial, self._fetch_blob,
+                                         opener)
+
+    def temporaryDirectory(self):
+        """Where ZODB writes new blobs (on the same file system as the
+        blob directory, so that taking them is a rename)."""
+        return self._blob_support().temporary_directory()
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version, txn):
+        """Store `data` and the blob in the file `blobfilename`, which is
+        ours from now on."""
+        blobs = self._blob_support()
+        self.store(oid, oldserial, data, version, txn)
+        self._upload(blobs, self._commit_for(txn), oid, oldserial, data,
+                     blobfilename)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, txn):
+        """Copy a blob record committed elsewhere (`copyTransactionsFrom`).
+
+        The protocol has no blob restore: the record is stored as a
+        blob over the oid's current revision, which gives it the
+        transaction's tid (set by tpc_begin) and the same data.
+        """
+        blobs = self._blob_support()
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        commit = self._commit_for(txn)
+        try:
+            current = self.getTid(oid)
+        except POSKeyError:
+            current = z64
+        commit.stored[oid] = None
+        self._upload(blobs, commit, oid, current, data, blobfilename)
+
+    def _upload(self, blobs, commit, oid, serial, data, blobfilename):
+        path = blobs.take(oid, serial, blobfilename)
+        commit.blobs.append((oid, path))
+        blobs.upload(commit.connection, oid, serial, data, path,
+                     commit.txn_id)
+
+    def _fetch_blob(self, oid, serial):
+        """Download a blob into the cache (only when it is missing there:
+        a cached blob is read even while we are disconnected)."""
+        self._call("sendBlob", oid, serial)
+
+    def _blob_support(self):
+        """The blob directory, if blobs can be used at all."""
+        if self._blobs is None:
+            raise Unsupported("%s has no blob directory (blob_dir)"
+                              % self.getName())
+        interfaces = {tuple(pair) for pair in self._info["interfaces"]}
+        if interfaces and (ZODB.interfaces.IBlobStorage.__module__,
+                           "IBlobStorage") not in interfaces:
+            raise Unsupported("the storage %r of the server does not "
+                              "support blobs" % self._storage_name)
+        return self._blobs
 
     # -- IStorage: oids -------------------------------------------------------
 
@@ -415,11 +509,13 @@ class ClientStorage(ConflictResolvingStorage):
             finally:
                 cache.set_last_tid(tid)
 
+        tid = None
         try:
-            return commit.connection.call("tpc_finish", commit.txn_id,
-                                          apply=finished)
+            tid = commit.connection.call("tpc_finish", commit.txn_id,
+                                         apply=finished)
+            return tid
         finally:
-            self._end_commit(commit)
+            self._end_commit(commit, tid)
 
     def tpc_abort(self, txn, timeout=None):
         """Abort `txn` if it is the one in progress (else do nothing)."""
@@ -438,11 +534,14 @@ class ClientStorage(ConflictResolvingStorage):
         commit = self._commit
         return None if commit is None else commit.transaction
 
-    def _end_commit(self, commit):
+    def _end_commit(self, commit, tid=None):
+        """`commit` is over: committed as `tid`, or not (None)."""
         with self._commit_changed:
             if self._commit is commit:
                 self._commit = None
                 self._commit_changed.notify_all()
+        if commit.blobs:
+            self._blobs.settle(commit.blobs, tid)
         if not commit.connection.closed:
             self._iterator_garbage.flush(commit.connection)
 
@@ -468,8 +567,12 @@ class ClientStorage(ConflictResolvingStorage):
                                    self._iterator_garbage, start, stop)
 
     def copyTransactionsFrom(self, other, verbose=0):
-        """Copy every transaction of `other` into this storage."""
-        ZODB.BaseStorage.copy(other, self, verbose)
+        """Copy every transaction of `other` into this storage (with
+        their blobs, if we have a blob directory)."""
+        if self._blobs is not None:
+            ZODB.blob.copyTransactionsFromTo(other, self)
+        else:
+            ZODB.BaseStorage.copy(other, self, verbose)
 
     # -- closing --------------------------------------------------------------
 
@@ -480,6 +583,8 @@ class ClientStorage(ConflictResolvingStorage):
         self._closed = True
         self._link.close()
         self._close_cache()
+        if self._blobs is not None:
+            self._blobs.close()
 
     def _close_cache(self):
         """Close the cache trace and release a persistent cache's file and
@@ -619,12 +724,23 @@ class _ServerEvents:
 
     def __init__(self, storage):
         self._storage = storage
+        self._downloads = (Downloads() if storage._blobs is None
+                           else storage._blobs.downloads)
 
     def invalidateTransaction(self, tid, oids):
         self._storage._invalidate_transaction(tid, list(oids))
 
     def info(self, info):
         self._storage._info.update(info)
+
+    def receiveBlobStart(self, oid, tid):
+        self._downloads.start(oid, tid)
+
+    def receiveBlobChunk(self, oid, tid, chunk):
+        self._downloads.chunk(oid, tid, chunk)
+
+    def receiveBlobStop(self, oid, tid):
+        self._downloads.stop(oid, tid)
 
     def verify(self, connection, server_tid):
         return self._storage._verify(connection, server_tid)
@@ -639,6 +755,10 @@ class _ServerEvents:
 
 class ServerBehindCache(ClientStorageError):
     """The server's last transaction is older than the client cache's."""
+
+
+def _open_for_reading(path):
+    return open(path, "rb")
 
 
 def _as_bytes(value):

@@ -34,6 +34,10 @@ class ClientStorageConfig(BaseConfig):
         if config.busy_poll < 0:
             raise ZConfig.ConfigurationError(
                 "clientstorage: busy-poll cannot be negative")
+        if not 0 <= config.blob_cache_size_check < 100:
+            raise ZConfig.ConfigurationError(
+                "clientstorage: blob-cache-size-check is a percentage "
+                "from 0 to 99, not %s" % config.blob_cache_size_check)
 
     def open(self):
         from zeo.ClientStorage import ClientStorage
@@ -53,6 +57,8 @@ class ClientStorageConfig(BaseConfig):
             read_only_fallback=config.read_only_fallback,
             blob_dir=config.blob_dir,
             shared_blob_dir=config.shared_blob_dir,
+            blob_cache_size=config.blob_cache_size,
+            blob_cache_size_check=config.blob_cache_size_check,
             server_sync=config.server_sync,
             client_label=config.client_label,
             drop_cache_rather_verify=config.drop_cache_rather_verify,

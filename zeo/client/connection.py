@@ -12,7 +12,8 @@ Reading the socket is a role, held with the read lock: whoever holds it
 reads and applies everything the server sent, in wire order.  A reply's
 `apply` callback (the cache update of a load or a commit) runs before its
 caller is woken, and one-way server calls (`invalidateTransaction`,
-`info`) run as they arrive.  That is what keeps the cache truthful
+`info`, and the `receiveBlob*` calls that carry a blob before the
+`sendBlob` reply) run as they arrive.  That is what keeps the cache truthful
 (PROTOCOL.md section 9): a load reply computed before a commit is applied
 before that commit's invalidation.
 
@@ -68,7 +69,8 @@ DEFAULT_BUSY_POLL = 300
 _CAN_POLL = hasattr(socket, "MSG_DONTWAIT") and hasattr(os, "sched_yield")
 
 #: One-way calls a server may make on a client (PROTOCOL.md 7).
-SERVER_CALLS = ("invalidateTransaction", "info")
+SERVER_CALLS = ("invalidateTransaction", "info", "receiveBlobStart",
+                "receiveBlobChunk", "receiveBlobStop")
 
 
 class Waiter:
@@ -193,7 +195,8 @@ class Connection:
     """One handshaken socket to a server, shared by many threads.
 
     `handler` receives the server's one-way calls on whichever thread
-    reads (`invalidateTransaction(tid, oids)`, `info(dict)`); so do the
+    reads (`invalidateTransaction(tid, oids)`, `info(dict)`,
+    `receiveBlobStart/Chunk/Stop(oid, tid[, chunk])`); so do the
     `apply` callbacks of replies.  Neither may make a two-way call on this
     connection.  `on_close(self)` is called once, from the reader thread,
     when the connection ends.
