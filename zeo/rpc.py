@@ -45,6 +45,10 @@ class Outbox:
         self._on_overflow = on_overflow
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
+        #: Signalled when queued bytes leave or the outbox closes, for
+        #: `wait_for_room`; only while someone waits (`_room_waiters`).
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
         self._frames = collections.deque()
         self._pending = 0
         self._draining = False
@@ -77,6 +81,7 @@ class Outbox:
                 self._frames.clear()
                 self._pending = 0
                 self._wakeup.notify()
+                self._room.notify_all()
             else:
                 overflowed = False
                 self._frames.append(data)
@@ -88,6 +93,25 @@ class Outbox:
             if self._on_overflow is not None:
                 self._on_overflow()
         return not overflowed
+
+    def wait_for_room(self, threshold, timeout=None):
+        """Wait until at most `threshold` bytes are pending.
+
+        For a producer with much to send (a blob download): it queues a
+        little, then waits here instead of filling the outbox up to its
+        limit, which would disconnect a slow but honest client.  Returns
+        True when there is room, False if the outbox is closing (nothing
+        more will be sent) or `timeout` seconds passed first.
+        """
+        with self._lock:
+            self._room_waiters += 1
+            try:
+                self._room.wait_for(
+                    lambda: self._closing or self._pending <= threshold,
+                    timeout)
+            finally:
+                self._room_waiters -= 1
+            return not self._closing and self._pending <= threshold
 
     def send_pending(self):
         """Try to send what is queued now, without blocking.
@@ -140,11 +164,15 @@ class Outbox:
             frame = frames.popleft()
             size = len(frame)
             self._pending -= size
+            if self._room_waiters:
+                self._room.notify_all()
             return [frame], size
         batch = [frames.popleft()
                  for _ in range(min(len(frames), _BATCH_FRAMES))]
         size = sum(map(len, batch))
         self._pending -= size
+        if self._room_waiters:
+            self._room.notify_all()
         return batch, size
 
     def _write_loop(self):
@@ -168,6 +196,7 @@ class Outbox:
                     self._frames.clear()
                     self._pending = 0
                     self._closing = True
+                    self._room.notify_all()
             with self._lock:
                 self._draining = False
 
@@ -176,6 +205,7 @@ class Outbox:
         with self._lock:
             self._closing = True
             self._wakeup.notify()
+            self._room.notify_all()
         if self._writer is not threading.current_thread():
             self._writer.join(timeout)
 

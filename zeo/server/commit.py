@@ -10,12 +10,15 @@ the commit lock and can only finish or abort.  A call that does not belong
 to the current phase is refused by construction.
 """
 
+import itertools
 import logging
 import pickle
 import tempfile
 
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
+
+from zeo.server.blobs import TransactionBlobs
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Buffering:
         self.tid = tid
         self.status = status
         self.log = TransactionLog()
+        #: Stored after the log at vote (PROTOCOL.md 10.1).
+        self.blobs = TransactionBlobs(TransactionLog())
         self.voting = False  # parked for the commit lock or voting
         self.refused = None  # why this transaction can never commit
 
@@ -109,7 +114,9 @@ class Buffering:
             else:
                 storage.tpc_begin(self.metadata)
             try:
-                for operation, args in self.log:
+                for operation, args in itertools.chain(
+                        self.log,
+                        self.blobs.replay(conflict_resolution_by_client)):
                     replay = _REPLAY[operation]
                     try:
                         oids = replay(storage, self.metadata, *args)
@@ -156,6 +163,7 @@ class Buffering:
 
     def close(self):
         self.log.close()
+        self.blobs.close()
 
 
 class Voted:
@@ -211,6 +219,11 @@ def _restore(storage, txn, oid, serial, data, prev_txn):
     storage.restore(oid, serial, data, "", prev_txn, txn)
 
 
+def _store_blob(storage, txn, oid, serial, data, path):
+    storage.storeBlob(oid, serial, data, path, "", txn)
+    return (oid,)
+
+
 def _undo(storage, txn, undo_id):
     _tid, oids = storage.undo(undo_id, txn)
     return oids
@@ -222,5 +235,6 @@ _REPLAY = {
     "checkread": _check_read,
     "restore": _restore,
     "undo": _undo,
+    "blob": _store_blob,
 }
-_STORES = ("store",)
+_STORES = ("store", "blob")

@@ -21,6 +21,10 @@ from zeo.server.session import DEFERRED, Reply, Session, run_handoffs
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+#: The largest frame a client may send before it has registered: the
+#: handshake and `register` take a few dozen bytes, and whoever reaches
+#: the port must not make us buffer (and decode) a quarter of a gigabyte.
+UNREGISTERED_MAX_FRAME_SIZE = 64 * 1024
 #: A call whose publication lock depends on its arguments (`register`).
 _BY_ARGUMENTS = object()
 
@@ -74,7 +78,8 @@ class ServerConnection:
     def push(self, method, args, wake_writer=True, encoded=None):
         """Queue a one-way call to the client (invalidations, info).
 
-        A caller that will `flush` soon passes `wake_writer=False`.  A
+        Returns False if the connection is closing and dropped it.  A
+        caller that will `flush` soon passes `wake_writer=False`.  A
         broadcast passes the same dict as `encoded` to every connection:
         it keeps the frame per encoding, so a commit's invalidation is
         encoded once (under the commit lock), not once per client.
@@ -84,7 +89,12 @@ class ServerConnection:
         if data is None:
             data = shared[self.codec.protocol] = wire.frame(
                 self.codec.encode(0, wire.ONEWAY, method, args))
-        self.outbox.put(data, wake_writer)
+        return self.outbox.put(data, wake_writer)
+
+    def wait_for_room(self, threshold):
+        """Wait until at most `threshold` bytes are unsent (a download's
+        backpressure); False once the connection is closing."""
+        return self.outbox.wait_for_room(threshold)
 
     def flush(self):
         """Send what is queued if the socket has room; never blocks."""
@@ -122,7 +132,9 @@ class ServerConnection:
     def _serve(self):
         self.outbox.put(wire.frame(self.server.protocol))
         self.outbox.send_pending()
-        reader = wire.FrameReader(self.server.max_frame_size)
+        registered_max_frame_size = self.server.max_frame_size
+        reader = wire.FrameReader(min(registered_max_frame_size,
+                                      UNREGISTERED_MAX_FRAME_SIZE))
         payloads = self._receive(reader)
         if payloads is None:
             return
@@ -135,6 +147,8 @@ class ServerConnection:
             for payload in payloads:
                 if not self._handle(payload):
                     return
+            if self.session.served is not None:
+                reader.max_frame_size = registered_max_frame_size
             payloads = self._receive(reader)
             if payloads is None:
                 return

@@ -15,16 +15,19 @@ import threading
 
 import zope.interface
 from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
-                               StorageTransactionError)
+                               StorageTransactionError, Unsupported)
 from ZODB.serialize import referencesf
 
+from zeo.server import blobs
 from zeo.server.commit import Buffering, Voted
 from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
 
-#: Outcomes that are part of normal operation, not server errors.
-EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError)
+#: Outcomes that are part of normal operation, not server errors (a
+#: refused blob name is logged once, as a warning, where it is refused).
+EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError,
+                   blobs.RefusedBlobName)
 
 #: Open iterators one connection may hold (each may hold a file open).
 MAX_ITERATORS = 100
@@ -36,12 +39,8 @@ AFTER_REGISTER = frozenset("""
     checkCurrentSerialInTransaction restorea undoa vote tpc_finish tpc_abort
     undoLog undoInfo pack iterator_start iterator_next iterator_record_start
     iterator_record_next iterator_gc server_status set_client_label ping
+    storeBlobStart storeBlobChunk storeBlobEnd storeBlobShared sendBlob
 """.split())
-
-#: Storage interfaces we do not announce because their calls are not
-#: served yet (blob transfer): a client then refuses blobs with a clear
-#: error instead of calling methods that would close its connection.
-UNSERVED_INTERFACES = frozenset(["IBlobStorage", "IBlobStorageRestoreable"])
 
 #: Calls whose reply reflects the storage's current state.  They run and
 #: queue their reply under the storage's publication lock (PROTOCOL.md 9).
@@ -110,6 +109,7 @@ class Session:
         self._iterators = {}
         self._last_transaction_seen = {}
         self._iterator_ids = itertools.count()
+        self._downloads = blobs.Downloads(server, channel, self._blob_sent)
         self.current_msgid = None
         #: `name -> (bound method, publication lock or None)` of every call
         #: allowed once registered (filled by `register`): the connection's
@@ -173,9 +173,7 @@ class Session:
     def get_info(self):
         storage = self.served.storage
         supports_undo = getattr(storage, "supportsUndo", None)
-        interfaces = [interface for interface
-                      in zope.interface.providedBy(storage).__iro__
-                      if interface.__name__ not in UNSERVED_INTERFACES]
+        interfaces = zope.interface.providedBy(storage).__iro__
         info = dict(self.served.size_info())
         info.update(
             name=storage.getName(),
@@ -327,6 +325,68 @@ class Session:
     def undoa(self, undo_id, txn_id):
         with self._txn_lock:
             self._buffering(txn_id).record("undo", undo_id)
+
+    # -- blobs (PROTOCOL.md 10; the work is in zeo.server.blobs) -----------
+
+    def _blob_storage(self):
+        storage = self.served.storage
+        if not blobs.serves_blobs(storage):
+            raise Unsupported("storage %s does not support blobs"
+                              % self.served.name)
+        return storage
+
+    def _storing(self, txn_id):
+        """The open transaction, not yet voting, that blobs are added to;
+        `txn_id` None for the upload calls, which name none."""
+        if self.read_only:
+            raise ReadOnlyError()
+        txn = self._txn
+        if txn is None:
+            raise StorageTransactionError("no transaction for this blob")
+        if txn_id is not None and txn.txn_id != txn_id:
+            raise StorageTransactionError(txn.txn_id, txn_id)
+        if txn.voting:
+            raise StorageTransactionError("Already voting")
+        return txn
+
+    def storeBlobStart(self):
+        storage = self._blob_storage()
+        with self._txn_lock:
+            self._storing(None).blobs.start_upload(
+                storage.temporaryDirectory())
+
+    def storeBlobChunk(self, chunk):
+        with self._txn_lock:
+            self._storing(None).blobs.write(chunk)
+
+    def storeBlobEnd(self, oid, serial, data, txn_id):
+        with self._txn_lock:
+            size = self._storing(txn_id).blobs.end_upload(oid, serial, data)
+        self.log("received blob %s (%d bytes)", oid.hex(), size,
+                 level=logging.DEBUG)
+
+    def storeBlobShared(self, oid, serial, data, filename, txn_id):
+        storage = self._blob_storage()
+        with self._txn_lock:
+            txn = self._storing(txn_id)
+            try:
+                path = blobs.shared_blob_path(storage, oid, filename)
+            except blobs.RefusedBlobName as refused:
+                self.log("%s", refused, level=logging.WARNING)
+                raise
+            txn.blobs.add_shared(oid, serial, data, path)
+
+    def sendBlob(self, oid, serial):
+        storage = self._blob_storage()
+        blobs.check_id(oid)
+        blobs.check_id(serial)
+        with self.served.access:
+            blob_file = storage.openCommittedBlobFile(oid, serial)
+        self._downloads.start(blob_file, oid, serial, self.current_msgid)
+        return DEFERRED
+
+    def _blob_sent(self, msgid, error):
+        self.channel.reply(msgid, Reply(error=error))
 
     def vote(self, txn_id):
         with self._txn_lock:

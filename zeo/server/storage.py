@@ -23,6 +23,8 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError
 
+from zeo.server import blobs
+
 logger = logging.getLogger(__name__)
 
 z64 = ZODB.utils.z64
@@ -137,6 +139,8 @@ class ServedStorage:
         self.client_conflict_resolution = client_conflict_resolution
         if client_conflict_resolution:
             storage.tryToResolveConflict = never_resolve
+        if blobs.serves_blobs(storage):
+            blobs.remove_orphans(storage)
         self.stats = Statistics()
         self.commit_lock = CommitLock()
         #: Held while a pack runs: one pack per storage at a time.
