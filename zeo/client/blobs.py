@@ -21,7 +21,7 @@ import os
 import ZODB.blob
 from ZODB.POSException import POSKeyError
 
-from zeo.client.blob_cache import BlobCache, Downloads
+from zeo.client.blob_cache import BlobCache, Downloads, check_id
 
 #: Bytes per `storeBlobChunk` (the size ZEO clients and servers use).
 CHUNK_SIZE = 59000
@@ -78,18 +78,23 @@ class SharedBlobs(_Blobs):
         self.downloads = Downloads()  # nothing is ever downloaded
 
     def load(self, oid, serial, fetch):
-        path = self.fshelper.getBlobFilename(oid, serial)
+        path = self._path(oid, serial)
         if not os.path.exists(path):
             raise POSKeyError("No blob file at %s" % path, oid, serial)
         return path
 
     def open(self, oid, serial, fetch, opener):
-        path = self.fshelper.getBlobFilename(oid, serial)
+        path = self._path(oid, serial)
         try:
             return opener(path)
         except FileNotFoundError:
             raise POSKeyError("No blob file at %s" % path, oid,
                               serial) from None
+
+    def _path(self, oid, serial):
+        check_id(oid, "oid")
+        check_id(serial, "tid")
+        return self.fshelper.getBlobFilename(oid, serial)
 
     def upload(self, connection, oid, serial, data, path, txn_id):
         connection.oneway("storeBlobShared", oid, serial, data,
