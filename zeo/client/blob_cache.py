@@ -24,6 +24,7 @@ an oid and tid we checked, never from anything else the server sends.
 import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 
@@ -74,6 +75,35 @@ def check_id(value, what):
         raise ValueError("%s must be 8 bytes, not %r" % (what, value))
 
 
+def prepare_directory(fshelper):
+    """Create a blob directory, its `tmp` directory and its `.layout`
+    file, unless they exist; ValueError if it has another layout.
+
+    `FilesystemHelper.create` does the same, but fails when two
+    processes open a new shared cache at once: the second may see the
+    directory appear under it, or read the layout file before the first
+    wrote it.  Here the layout file appears whole (a link to a file
+    written before), or not at all.
+    """
+    os.makedirs(fshelper.temp_dir, exist_ok=True)
+    marker = os.path.join(fshelper.base_dir, ZODB.blob.LAYOUT_MARKER)
+    if not os.path.exists(marker):
+        descriptor, written = tempfile.mkstemp(dir=fshelper.temp_dir)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(fshelper.layout_name)
+            os.link(written, marker)
+        except FileExistsError:
+            pass  # another process was first
+        finally:
+            os.remove(written)
+    with open(marker) as file:
+        layout = file.read().strip()
+    if layout != fshelper.layout_name:
+        raise ValueError("the blob directory %s has layout %r, not %r"
+                         % (fshelper.base_dir, layout, fshelper.layout_name))
+
+
 def lock_directory(directory):
     """Take `directory`'s `.lock`, waiting as long as someone holds it;
     the caller closes the returned lock."""
@@ -110,7 +140,7 @@ class BlobCache:
 
     def __init__(self, directory, size=None, size_check=10, name=""):
         self.fshelper = ZODB.blob.FilesystemHelper(directory, LAYOUT_NAME)
-        self.fshelper.create()
+        prepare_directory(self.fshelper)
         self.directory = self.fshelper.base_dir
         self.downloads = Downloads()
         self._trimmer = None

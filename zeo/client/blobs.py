@@ -21,7 +21,8 @@ import os
 import ZODB.blob
 from ZODB.POSException import POSKeyError
 
-from zeo.client.blob_cache import BlobCache, Downloads, check_id
+from zeo.client.blob_cache import (
+    BlobCache, Downloads, check_id, prepare_directory)
 
 #: Bytes per `storeBlobChunk` (the size ZEO clients and servers use).
 CHUNK_SIZE = 59000
@@ -73,7 +74,7 @@ class SharedBlobs(_Blobs):
 
     def __init__(self, directory):
         fshelper = ZODB.blob.FilesystemHelper(directory)
-        fshelper.create()
+        prepare_directory(fshelper)
         _Blobs.__init__(self, fshelper)
         self.downloads = Downloads()  # nothing is ever downloaded
 
