@@ -394,8 +394,8 @@ def test_a_1_gb_blob_goes_up_and_down_in_bounded_server_memory(
     assert temporary_files(server.blob_dir) == []
 
 
-def test_blob_traffic_logs_no_warning_or_error(start_blob_server,
-                                              open_blob_db, mode):
+def test_blob_traffic_logs_no_warning_or_error(
+        start_blob_server, open_blob_db, mode):
     """Blob traffic in both modes leaves no warning or error in the log."""
     server = start_blob_server()
     writer, writer_txn = open_connection(open_blob_db(server, mode))

@@ -24,10 +24,8 @@ from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
 
-#: Outcomes that are part of normal operation, not server errors (a
-#: refused blob name is logged once, as a warning, where it is refused).
-EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError,
-                   blobs.RefusedBlobName)
+#: Outcomes that are part of normal operation, not server errors.
+EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError)
 
 #: Open iterators one connection may hold (each may hold a file open).
 MAX_ITERATORS = 100
@@ -372,8 +370,10 @@ class Session:
             try:
                 path = blobs.shared_blob_path(storage, oid, filename)
             except blobs.RefusedBlobName as refused:
+                # Logged here, once, as a possible attack; the client gets
+                # a ValueError, a class it can rebuild.
                 self.log("%s", refused, level=logging.WARNING)
-                raise
+                return Reply(error=ValueError(str(refused)))
             txn.blobs.add_shared(oid, serial, data, path)
 
     def sendBlob(self, oid, serial):
