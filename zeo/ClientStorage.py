@@ -360,12 +360,18 @@ class ClientStorage(ConflictResolvingStorage):
         if self._blobs is None:
             raise Unsupported("%s has no blob directory (blob_dir)"
                               % self.getName())
-        interfaces = {tuple(pair) for pair in self._info["interfaces"]}
-        if interfaces and (ZODB.interfaces.IBlobStorage.__module__,
-                           "IBlobStorage") not in interfaces:
+        if self._server_lacks_blobs():
             raise Unsupported("the storage %r of the server does not "
                               "support blobs" % self._storage_name)
         return self._blobs
+
+    def _server_lacks_blobs(self):
+        """Whether the server said its storage has no blobs (we cannot
+        tell before the first connection)."""
+        interfaces = {tuple(pair) for pair in self._info["interfaces"]}
+        return bool(interfaces) and (
+            ZODB.interfaces.IBlobStorage.__module__,
+            "IBlobStorage") not in interfaces
 
     # -- IStorage: oids -------------------------------------------------------
 
@@ -706,6 +712,10 @@ class ClientStorage(ConflictResolvingStorage):
         for interface in OPTIONAL_INTERFACES:
             if (interface.__module__, interface.__name__) in provided:
                 zope.interface.alsoProvides(self, interface)
+        if self._blobs is not None and self._server_lacks_blobs():
+            logger.warning("%s: the server's storage does not support "
+                           "blobs: blob operations will fail",
+                           self.getName())
 
     def _invalidate_transaction(self, tid, oids):
         """Another client committed `tid`: end our cached revisions, tell

@@ -16,6 +16,7 @@ then on, and a full disk shows at store time rather than at the end of
 the commit.
 """
 
+import logging
 import os
 
 import ZODB.blob
@@ -23,6 +24,8 @@ from ZODB.POSException import POSKeyError
 
 from zeo.client.blob_cache import (
     BlobCache, Downloads, check_id, prepare_directory)
+
+logger = logging.getLogger(__name__)
 
 #: Bytes per `storeBlobChunk` (the size ZEO clients and servers use).
 CHUNK_SIZE = 59000
@@ -58,12 +61,18 @@ class _Blobs:
 
     def settle(self, uploads, tid):
         """The transaction that uploaded `uploads` (`(oid, path)` pairs)
-        ended: committed as `tid`, or not at all (None)."""
+        ended: committed as `tid`, or not at all (None).  Never fails:
+        the transaction is over whatever happens to the files."""
         for oid, path in uploads:
-            if tid is None:
-                _remove_quietly(path)
-            else:
-                self._committed(oid, tid, path)
+            try:
+                if tid is None:
+                    ZODB.blob.remove_committed(path)
+                else:
+                    self._committed(oid, tid, path)
+            except FileNotFoundError:
+                pass  # the server removed it (shared directory)
+            except OSError as error:
+                logger.warning("uploaded blob %s: %s", path, error)
 
     def close(self):
         """Stop whatever runs in the background."""
@@ -137,10 +146,3 @@ class CachedBlobs(_Blobs):
 
     def close(self):
         self.cache.close()
-
-
-def _remove_quietly(path):
-    try:
-        ZODB.blob.remove_committed(path)
-    except FileNotFoundError:
-        pass
