@@ -336,3 +336,39 @@ def test_storeblob_and_restoreblob_copy_a_database(clients, tmp_path):
             target_clients.close()
     finally:
         assert stop_all([target_server]) == [0]
+
+
+def test_our_zeocache_layout_computes_the_real_zeo_paths():
+    import ZEO.ClientStorage
+    from zeo.client.blob_cache import CacheLayout
+    ours, theirs = CacheLayout(), ZEO.ClientStorage.BlobCacheLayout()
+    assert "zeocache" in ZODB.blob.LAYOUTS
+    for number in (0, 1, 996, 997, 998, 123456789, 2 ** 63, 2 ** 64 - 1):
+        oid, tid = p64(number), p64(2 ** 64 - 1 - number)
+        assert ours.oid_to_path(oid) == theirs.oid_to_path(oid)
+        assert ours.getBlobFilePath(oid, tid) == \
+            theirs.getBlobFilePath(oid, tid)
+
+
+def test_a_real_zeo_client_uses_the_blobs_our_client_cached(
+        blob_server, tmp_path):
+    import ZEO.ClientStorage
+    cache = str(tmp_path / "cache")
+    ours = ClientStorage(blob_server.address, blob_dir=cache,
+                         wait_timeout=CLIENT_TIMEOUT)
+    database = ZODB.DB(ours)
+    try:
+        tid = commit_blob(database, "blob", b"cached by us")
+        oid = blob_oid(database, "blob")
+        # Only the cache has it now.
+        os.remove(ZODB.blob.FilesystemHelper(
+            blob_server.blob_dir).getBlobFilename(oid, tid))
+        theirs = ZEO.ClientStorage.ClientStorage(
+            blob_server.address, blob_dir=cache, wait_timeout=CLIENT_TIMEOUT)
+        try:
+            with theirs.openCommittedBlobFile(oid, tid) as file:
+                assert file.read() == b"cached by us"
+        finally:
+            theirs.close()
+    finally:
+        database.close()
