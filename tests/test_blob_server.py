@@ -11,6 +11,8 @@ Misbehaving peers are in test_blob_server_hostile.py.
 import hashlib
 import os
 import re
+import socket
+import threading
 import time
 
 import pytest
@@ -25,6 +27,8 @@ from conftest import (CLIENT_TIMEOUT, SERVER_IMPL, closing_all,
                       server_environment, wait_until)
 from raw_client import RawClient
 from server_process import start_configured_server, stop_all
+from zeo.rpc import Outbox
+from zeo.wire import frame
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -329,6 +333,41 @@ def test_a_restart_removes_unfinished_uploads_and_nothing_else(
 
 
 # -- a big blob: memory stays bounded ----------------------------------------
+
+
+def test_outbox_wait_for_room_follows_the_reader_and_the_close():
+    """The backpressure a download relies on: a waiter returns once the
+    peer has read enough, and at once (False) when the outbox closes."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outbox = Outbox(ours, "test-backpressure")
+    body = frame(b"x" * 65536)
+    for _ in range(64):  # far more than the socket takes
+        outbox.put(body, wake_writer=False)
+    outbox.send_pending()
+    assert outbox.pending > 65536
+    assert outbox.wait_for_room(65536, timeout=0.2) is False  # timed out
+
+    def read_all():
+        while theirs.recv(1 << 20):
+            pass
+
+    reader = threading.Thread(target=read_all, name="test-outbox-reader")
+    reader.start()
+    assert outbox.wait_for_room(65536, timeout=CLIENT_TIMEOUT) is True
+    assert outbox.pending <= 65536
+
+    for _ in range(64):
+        outbox.put(body, wake_writer=False)
+    closer = threading.Timer(0.2, outbox.close)
+    closer.start()
+    # Once closed there is no room to wait for, whatever is pending.
+    assert outbox.wait_for_room(0, timeout=CLIENT_TIMEOUT) is False
+    assert outbox.put(body) is False
+    closer.join()
+    ours.close()
+    reader.join(CLIENT_TIMEOUT)
+    theirs.close()
 
 
 BIG_BLOB_SIZE = 1024 ** 3

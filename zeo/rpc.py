@@ -51,6 +51,9 @@ class Outbox:
         self._room_waiters = 0
         self._frames = collections.deque()
         self._pending = 0
+        #: Bytes taken from the queue by whoever drains it and not yet
+        #: handed to the kernel.
+        self._in_flight = 0
         self._draining = False
         self._closing = False
         self._closed = False
@@ -95,7 +98,8 @@ class Outbox:
         return not overflowed
 
     def wait_for_room(self, threshold, timeout=None):
-        """Wait until at most `threshold` bytes are pending.
+        """Wait until at most `threshold` bytes are left to send (queued,
+        or taken by a sender and not yet accepted by the kernel).
 
         For a producer with much to send (a blob download): it queues a
         little, then waits here instead of filling the outbox up to its
@@ -103,15 +107,16 @@ class Outbox:
         True when there is room, False if the outbox is closing (nothing
         more will be sent) or `timeout` seconds passed first.
         """
+        def room():
+            return self._pending + self._in_flight <= threshold
+
         with self._lock:
             self._room_waiters += 1
             try:
-                self._room.wait_for(
-                    lambda: self._closing or self._pending <= threshold,
-                    timeout)
+                self._room.wait_for(lambda: self._closing or room(), timeout)
             finally:
                 self._room_waiters -= 1
-            return not self._closing and self._pending <= threshold
+            return not self._closing and room()
 
     def send_pending(self):
         """Try to send what is queued now, without blocking.
@@ -141,6 +146,7 @@ class Outbox:
             except OSError:
                 sent = size  # the reader sees the broken socket and cleans up
             with lock:
+                self._sent()
                 if sent < size or not self._frames:
                     if sent < size:
                         self._frames.extendleft(
@@ -164,16 +170,20 @@ class Outbox:
             frame = frames.popleft()
             size = len(frame)
             self._pending -= size
-            if self._room_waiters:
-                self._room.notify_all()
+            self._in_flight = size
             return [frame], size
         batch = [frames.popleft()
                  for _ in range(min(len(frames), _BATCH_FRAMES))]
         size = sum(map(len, batch))
         self._pending -= size
+        self._in_flight = size
+        return batch, size
+
+    def _sent(self):
+        """The batch in flight has left or failed (lock held)."""
+        self._in_flight = 0
         if self._room_waiters:
             self._room.notify_all()
-        return batch, size
 
     def _write_loop(self):
         while True:
@@ -196,8 +206,8 @@ class Outbox:
                     self._frames.clear()
                     self._pending = 0
                     self._closing = True
-                    self._room.notify_all()
             with self._lock:
+                self._sent()
                 self._draining = False
 
     def close(self, timeout=5):
