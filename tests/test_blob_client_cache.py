@@ -240,3 +240,30 @@ def test_blob_cache_size_check_must_be_a_percentage(tmp_path):
         ZODB.config.storageFromString(client_config(
             ("127.0.0.1", 1), "  blob-dir %s\n  blob-cache-size 1MB\n"
             "  blob-cache-size-check 100\n  wait false" % tmp_path))
+
+
+def test_threads_loading_one_missing_blob_download_it_once(
+        blob_server, storages, tmp_path, caplog):
+    data = os.urandom(3 * 1024 * 1024)
+    [(oid, tid)] = commit_blobs(
+        storages(blob_server, blob_dir=str(tmp_path / "w")), [data])
+    storage = storages(blob_server, blob_dir=str(tmp_path / "cache"))
+    caplog.set_level("DEBUG", logger="zeo.client.blob_cache")
+    start = threading.Barrier(6)
+    read = []
+
+    def load():
+        start.wait()
+        with storage.openCommittedBlobFile(oid, tid) as file:
+            read.append(file.read())
+
+    threads = [threading.Thread(target=load, name="blob-loader-%d" % index)
+               for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert read == [data] * 6
+    downloads = [record for record in caplog.records
+                 if record.getMessage().startswith("downloaded blob")]
+    assert len(downloads) == 1

@@ -305,13 +305,8 @@ class ClientStorage(ConflictResolvingStorage):
     def openCommittedBlobFile(self, oid, serial, blob=None):
         """Blob `(oid, serial)` open for reading: a `ZODB.blob.BlobFile`
         for `blob` if given, else a plain file."""
-        if blob is None:
-            opener = _open_for_reading
-        else:
-            def opener(path):
-                return ZODB.blob.BlobFile(path, "r", blob)
         return self._blob_support().open(oid, serial, self._fetch_blob,
-                                         opener)
+                                         blob)
 
     def temporaryDirectory(self):
         """Where ZODB writes new blobs (on the same file system as the
@@ -765,10 +760,6 @@ class _ServerEvents:
 
 class ServerBehindCache(ClientStorageError):
     """The server's last transaction is older than the client cache's."""
-
-
-def _open_for_reading(path):
-    return open(path, "rb")
 
 
 def _as_bytes(value):

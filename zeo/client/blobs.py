@@ -93,10 +93,10 @@ class SharedBlobs(_Blobs):
             raise POSKeyError("No blob file at %s" % path, oid, serial)
         return path
 
-    def open(self, oid, serial, fetch, opener):
+    def open(self, oid, serial, fetch, blob):
         path = self._path(oid, serial)
         try:
-            return opener(path)
+            return _opener(blob)(path)
         except FileNotFoundError:
             raise POSKeyError("No blob file at %s" % path, oid,
                               serial) from None
@@ -125,8 +125,8 @@ class CachedBlobs(_Blobs):
     def load(self, oid, serial, fetch):
         return self.cache.load(oid, serial, fetch)
 
-    def open(self, oid, serial, fetch, opener):
-        return self.cache.open(oid, serial, fetch, opener)
+    def open(self, oid, serial, fetch, blob):
+        return self.cache.open(oid, serial, fetch, _opener(blob))
 
     def upload(self, connection, oid, serial, data, path, txn_id):
         """Stream the file to the server, one chunk at a time: the
@@ -146,3 +146,11 @@ class CachedBlobs(_Blobs):
 
     def close(self):
         self.cache.close()
+
+
+def _opener(blob):
+    """How `openCommittedBlobFile` opens a file: as a `BlobFile` of
+    `blob`, or as a plain file without one."""
+    if blob is None:
+        return lambda path: open(path, "rb")
+    return lambda path: ZODB.blob.BlobFile(path, "r", blob)
