@@ -128,6 +128,8 @@ def touch(path):
         os.utime(path, (time.time(), os.stat(path).st_mtime))
     except FileNotFoundError:
         return False
+    except PermissionError:
+        pass  # another user's file, in a cache shared between users
     return True
 
 
