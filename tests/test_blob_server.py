@@ -27,6 +27,8 @@ from conftest import (CLIENT_TIMEOUT, SERVER_IMPL, closing_all,
                       server_environment, wait_until)
 from raw_client import RawClient
 from server_process import start_configured_server, stop_all
+from test_monitor import MONITOR_LINE, parse_report, read_report
+from test_scripts import run_tool
 from zeo.rpc import Outbox
 from zeo.wire import frame
 
@@ -234,6 +236,28 @@ def test_pack_removes_the_blob_files_of_packed_away_revisions(
     assert read_blob(other.root()["blob"]) == b"revision 2"
 
 
+def test_zeopack_removes_the_blob_files_of_packed_away_revisions(
+        start_blob_server, open_blob_db):
+    server = start_blob_server()
+    db = open_blob_db(server, "cache")
+    connection, manager = open_connection(db)
+    connection.root()["blob"] = Blob(b"revision 0")
+    manager.commit()
+    write_blob(connection.root()["blob"], b"revision 1")
+    manager.commit()
+    latest = db.lastTransaction()
+    assert len(committed_blob_files(server.blob_dir)) == 2
+
+    packed = run_tool("zeopack", "%s:%d" % server.address, "-S", "1",
+                      "--days", "0")
+    assert packed.returncode == 0, packed.stderr
+    remaining = committed_blob_files(server.blob_dir)
+    assert [os.path.basename(path) for path in remaining] == [
+        "0x%s.blob" % latest.hex()]
+    reader, _ = open_connection(open_blob_db(server, "cache"))
+    assert read_blob(reader.root()["blob"]) == b"revision 1"
+
+
 def test_a_read_only_client_cannot_store_a_blob(
         start_blob_server, open_blob_db, mode):
     server = start_blob_server()
@@ -330,6 +354,21 @@ def test_a_restart_removes_unfinished_uploads_and_nothing_else(
     assert temporary_files(restarted.blob_dir) == sorted(
         others + ["zeo-blob-dir.part"])
     assert "removed 2 unfinished blob upload(s)" in restarted.log
+
+
+def test_the_monitor_counts_blobs_received_and_sent(
+        start_blob_server, open_blob_db):
+    server = start_blob_server("monitor-address 127.0.0.1:0")
+    host, _, port = MONITOR_LINE.search(server.log).group(1).rpartition(":")
+    writer, writer_txn = open_connection(open_blob_db(server, "cache"))
+    writer.root()["blob"] = Blob(b"b" * 100000)
+    writer_txn.commit()
+    reader, _ = open_connection(open_blob_db(server, "cache"))
+    assert read_blob(reader.root()["blob"]) == b"b" * 100000
+
+    _, storages = parse_report(read_report((host, int(port))))
+    assert storages["1"]["Blobs received"] == "1 (100000 bytes)"
+    assert storages["1"]["Blobs sent"] == "1 (100000 bytes)"
 
 
 # -- a big blob: memory stays bounded ----------------------------------------

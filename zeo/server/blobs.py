@@ -254,7 +254,8 @@ class Downloads:
     def __init__(self, server, channel, reply):
         self._server = server
         self._channel = channel
-        self._reply = reply  # (msgid, error or None): answer sendBlob
+        #: `(msgid, bytes sent, error or None)`: answers sendBlob.
+        self._reply = reply
         self._lock = threading.Lock()
         self._running = 0
         self._numbers = itertools.count(1)
@@ -292,6 +293,7 @@ class Downloads:
         """Stream one blob, then reply.  Gives up quietly when the
         connection closes (the client went away)."""
         channel = self._channel
+        size = 0
         with blob_file:
             try:
                 queued = channel.push("receiveBlobStart", (oid, serial),
@@ -300,6 +302,7 @@ class Downloads:
                     chunk = blob_file.read(CHUNK_SIZE)
                     if not chunk:
                         break
+                    size += len(chunk)
                     queued = (channel.wait_for_room(DOWNLOAD_WINDOW)
                               and channel.push("receiveBlobChunk",
                                                (oid, serial, chunk),
@@ -315,4 +318,4 @@ class Downloads:
                              channel.label, oid.hex(), serial.hex(),
                              exc_info=True)
                 error = failure
-        self._reply(msgid, error)
+        self._reply(msgid, size, error)

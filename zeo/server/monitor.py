@@ -22,6 +22,7 @@ from importlib import metadata
 
 import ZODB.TimeStamp
 
+from zeo.server import blobs
 from zeo.server.listener import format_address, remove_stale_socket
 from zeo.server.storage import tid_hex, z64
 
@@ -76,6 +77,12 @@ def storage_block(served, watchdog_status, now):
               "Conflicts: %d" % status["conflicts"],
               "Conflicts resolved: %d" % status["conflicts_resolved"],
               "Waiting for the commit lock: %d" % status["waiting"]]
+    if blobs.serves_blobs(served.storage):
+        counts = served.stats.snapshot(served.stats.BLOB_COUNTERS)
+        lines += ["Blobs received: %(blobs_received)d "
+                  "(%(blob_bytes_received)d bytes)" % counts,
+                  "Blobs sent: %(blobs_sent)d (%(blob_bytes_sent)d bytes)"
+                  % counts]
     size = served.size_info()
     lines += ["Size: %d bytes" % size["size"],
               "Objects: %d" % size["length"],

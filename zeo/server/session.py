@@ -360,6 +360,8 @@ class Session:
     def storeBlobEnd(self, oid, serial, data, txn_id):
         with self._txn_lock:
             size = self._storing(txn_id).blobs.end_upload(oid, serial, data)
+        self.stats.add("blobs_received")
+        self.stats.add("blob_bytes_received", size)
         self.log("received blob %s (%d bytes)", oid.hex(), size,
                  level=logging.DEBUG)
 
@@ -385,7 +387,10 @@ class Session:
         self._downloads.start(blob_file, oid, serial, self.current_msgid)
         return DEFERRED
 
-    def _blob_sent(self, msgid, error):
+    def _blob_sent(self, msgid, size, error):
+        if error is None:
+            self.stats.add("blobs_sent")
+            self.stats.add("blob_bytes_sent", size)
         self.channel.reply(msgid, Reply(error=error))
 
     def vote(self, txn_id):

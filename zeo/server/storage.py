@@ -47,20 +47,23 @@ class Statistics:
 
     COUNTERS = ("stores", "commits", "aborts", "active_txns", "conflicts",
                 "conflicts_resolved")
+    #: Ours, shown by the monitor only: server_status keeps ZEO's keys.
+    BLOB_COUNTERS = ("blobs_received", "blob_bytes_received", "blobs_sent",
+                     "blob_bytes_sent")
 
     def __init__(self):
         self._lock = threading.Lock()
         self.start = time.ctime()
-        for name in self.COUNTERS:
+        for name in self.COUNTERS + self.BLOB_COUNTERS:
             setattr(self, name, 0)
 
     def add(self, name, amount=1):
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
-    def snapshot(self):
+    def snapshot(self, names=COUNTERS):
         with self._lock:
-            return {name: getattr(self, name) for name in self.COUNTERS}
+            return {name: getattr(self, name) for name in names}
 
 
 class CommitLock:
