@@ -9,6 +9,7 @@ that no temporary file is left, and that the server goes on serving.
 
 import hashlib
 import os
+import time
 
 import pytest
 from ZODB.blob import Blob, BushyLayout
@@ -534,6 +535,20 @@ def test_a_client_that_disconnects_mid_download_costs_nothing(
     assert_still_serving(server, open_blob_db)
     # The fixture checks that the server then stops cleanly (exit 0):
     # no download thread is left waiting.
+
+
+def test_the_server_stops_cleanly_during_a_stalled_download(
+        start_blob_server, raw_clients):
+    server = start_blob_server()
+    writer = raw_clients(server)
+    tid = commit_blob(writer, 1, p64(1), os.urandom(1024 ** 2) * 32)
+    reader = raw_clients(server)
+    reader.send_call("sendBlob", p64(1), tid)
+    assert reader.read_message().name == "receiveBlobStart"
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10  # not the stop's SIGKILL
+    assert "closed" in server.log
 
 
 def test_a_connection_may_run_more_downloads_than_threads(

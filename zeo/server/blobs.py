@@ -155,26 +155,20 @@ class TransactionBlobs:
 
     `log` (a `TransactionLog`) records `(oid, serial, data, path,
     shared)` for each blob, in arrival order, so that many blobs cost
-    disk, not memory.  `_files` lists every file to remove when the
-    transaction ends: uploads, shared files named by the client, and the
-    links a repeatable vote hands to the storage.
+    disk, not memory.  When the transaction ends every file it names is
+    removed if still there (and its link, see `replay`), and so is an
+    unfinished upload.
     """
 
     def __init__(self, log):
         self._log = log
         self._upload = None
-        self._files = []
-        self._links = itertools.count()
-
-    def __len__(self):
-        return self._log.count
 
     def start_upload(self, directory):
         if self._upload is not None:
             raise StorageTransactionError(
                 "storeBlobStart: an upload is already in progress")
         self._upload = Upload(directory)
-        self._files.append(self._upload.path)
 
     def write(self, chunk):
         if self._upload is None:
@@ -194,7 +188,6 @@ class TransactionBlobs:
         return upload.size
 
     def add_shared(self, oid, serial, data, path):
-        self._files.append(path)
         self._log.append("blob", oid, serial, data, path, True)
 
     def replay(self, keep_files):
@@ -210,9 +203,8 @@ class TransactionBlobs:
             if shared:
                 _check_regular_file(path)
             if keep_files:
-                link = "%s.%d.vote%s" % (path, next(self._links),
-                                         TEMP_SUFFIX)
-                self._files.append(link)
+                link = _link_name(path)
+                _remove(link)  # left by an earlier vote that failed
                 os.link(path, link)
                 path = link
             yield "blob", (oid, serial, data, path)
@@ -221,16 +213,25 @@ class TransactionBlobs:
         """Remove every file of the transaction that is still there."""
         if self._upload is not None:
             self._upload.close()
+            _remove(self._upload.path)
             self._upload = None
+        for _operation, args in self._log:
+            _remove(args[3])
+            _remove(_link_name(args[3]))
         self._log.close()
-        files, self._files = self._files, []
-        for path in files:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass  # stored: the storage moved it into the blob directory
-            except OSError as error:
-                logger.error("cannot remove blob file %s: %s", path, error)
+
+
+def _link_name(path):
+    return path + ".vote" + TEMP_SUFFIX
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass  # stored: the storage moved it into the blob directory
+    except OSError as error:
+        logger.error("cannot remove blob file %s: %s", path, error)
 
 
 class Downloads:
