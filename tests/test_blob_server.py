@@ -44,7 +44,13 @@ def blob_filestorage_section(directory, name="1"):
 
 
 @pytest.fixture
-def start_blob_server(tmp_path):
+def blob_server_impl():
+    """The server the tests start: the one under test (conftest)."""
+    return SERVER_IMPL
+
+
+@pytest.fixture
+def start_blob_server(tmp_path, blob_server_impl):
     """Factory: a server on a FileStorage with blobs in tmp_path (or in
     `directory`), or on the storage `section` given; stopped after."""
     servers = []
@@ -55,7 +61,7 @@ def start_blob_server(tmp_path):
         if section is None:
             section = blob_filestorage_section(directory)
         server = start_configured_server(
-            directory, zeo_options, {"1": section}, impl=SERVER_IMPL,
+            directory, zeo_options, {"1": section}, impl=blob_server_impl,
             env=server_environment())
         server.blob_dir = os.path.join(directory, "blobs")
         servers.append(server)
