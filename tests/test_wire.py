@@ -26,6 +26,7 @@ from ZEO.asyncio import marshal as zeo_marshal
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 
 from raw_client import forbidden_global_pickle
+from zeo import message_shape
 from zeo import wire
 
 Z64 = b"\0" * 8
@@ -617,6 +618,8 @@ CALLING_OPCODES = frozenset([
     "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"])
 #: The opcodes that can reference a value a second time.
 SHARING_OPCODES = frozenset(["DUP", "GET", "BINGET", "LONG_BINGET"])
+#: The opcodes that size the unpickler's memo table.
+MEMO_PUT_OPCODES = frozenset(["PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"])
 
 
 def _opcode_names(payload):
@@ -635,12 +638,13 @@ def _opcode_names(payload):
 def test_every_calling_opcode_is_known_to_the_walk():
     known = {opcode.name for opcode in pickletools.opcodes}
     assert CALLING_OPCODES <= known
-    assert wire._CALLING_OPCODES == CALLING_OPCODES
+    assert message_shape.CALLING_OPCODES == CALLING_OPCODES
     for opcode in pickletools.opcodes:
-        step = wire._SHAPE_STEPS[ord(opcode.code)]
+        step = message_shape.SHAPE_STEPS[ord(opcode.code)]
         if opcode.name in CALLING_OPCODES:
-            assert step in (0, wire._CALLING, wire._TEXT_PAIR), opcode.name
-        if opcode.name in SHARING_OPCODES:
+            assert step in (0, message_shape.CALLING,
+                            message_shape.TEXT_PAIR), opcode.name
+        if opcode.name in SHARING_OPCODES | MEMO_PUT_OPCODES:
             assert step == 0, opcode.name
 
 
@@ -662,19 +666,19 @@ def test_quick_and_restricted_decoding_agree(msgid, flag, name, args,
     payload = _pickled(message, protocol, fast)
     codec = wire.PickleCodec()
     decoded = codec.decode(payload)
-    wire.check_pickle_shape(payload)
+    message_shape.check_pickle_shape(payload)
     restricted = codec._decode_restricted(payload)
     assert type(decoded) is type(restricted) is wire.Message
     assert typed(tuple(decoded)) == typed(tuple(restricted)) == typed(message)
     if fast:  # how ZEO peers pickle: plain values take the quick path
-        assert wire._pickle_shape(payload) == wire._CALL_FREE
+        assert message_shape.pickle_shape(payload) == message_shape.CALL_FREE
 
 
 @pytest.mark.parametrize("message", TYPICAL_MESSAGES)
 def test_typical_messages_take_the_quick_path(message, monkeypatch):
     codec = wire.PickleCodec()
     payload = codec.encode(*message)
-    assert wire._pickle_shape(payload) == wire._CALL_FREE
+    assert message_shape.pickle_shape(payload) == message_shape.CALL_FREE
     monkeypatch.setattr(codec, "_decode_restricted", None)  # unreachable
     assert typed(tuple(codec.decode(payload))) == typed(message)
 
@@ -718,7 +722,7 @@ def test_a_pickle_with_a_global_or_call_never_takes_the_quick_path(
         payload, monkeypatch):
     names = _opcode_names(payload)
     assert names is not None and CALLING_OPCODES & set(names)
-    assert wire._pickle_shape(payload) != wire._CALL_FREE
+    assert message_shape.pickle_shape(payload) != message_shape.CALL_FREE
     plain_loads = []
     real_loads = pickle.loads
     monkeypatch.setattr(wire.pickle, "loads", lambda *args, **kwargs: (
@@ -785,15 +789,15 @@ def opcode_streams(draw):
           suppress_health_check=[HealthCheck.too_slow])
 @given(payload=opcode_streams())
 def test_quick_walk_vouches_only_for_plain_call_free_pickles(payload):
-    shape = wire._pickle_shape(payload)
+    shape = message_shape.pickle_shape(payload)
     names = _opcode_names(payload)
-    if shape == wire._CALL_FREE:
+    if shape == message_shape.CALL_FREE:
         assert names is not None
         assert not CALLING_OPCODES & set(names)
     if shape:  # _PLAIN or _CALL_FREE: shape checks may be skipped
         assert names is not None
-        assert not SHARING_OPCODES & set(names)
-        assert len(names) <= wire._PLAIN_OPCODE_LIMIT
+        assert not (SHARING_OPCODES | MEMO_PUT_OPCODES) & set(names)
+        assert len(names) <= message_shape.PLAIN_OPCODE_LIMIT
     try:
         wire.PickleCodec().decode(payload)
     except wire.ProtocolError:
@@ -801,24 +805,25 @@ def test_quick_walk_vouches_only_for_plain_call_free_pickles(payload):
 
 
 def test_quick_walk_vouches_for_nothing_past_its_opcode_limit():
-    values = list(range(wire._PLAIN_OPCODE_LIMIT))
+    values = list(range(message_shape.PLAIN_OPCODE_LIMIT))
     payload = wire.PickleCodec().encode(1, False, "x", (values,))
-    assert wire._pickle_shape(payload) == wire._LOOK_CLOSER
+    assert message_shape.pickle_shape(payload) == message_shape.LOOK_CLOSER
     assert wire.PickleCodec().decode(payload).args == (values,)
 
 
 def test_quick_walk_needs_the_stop_at_the_end():
     payload = wire.PickleCodec().encode(1, False, "ping", ())
-    assert wire._pickle_shape(payload) == wire._CALL_FREE
+    assert message_shape.pickle_shape(payload) == message_shape.CALL_FREE
     for suffix in (b"N", b".", b"\x80"):
-        assert wire._pickle_shape(payload + suffix) == wire._LOOK_CLOSER
-    assert wire._pickle_shape(payload[:-1]) == wire._LOOK_CLOSER
+        assert (message_shape.pickle_shape(payload + suffix)
+                == message_shape.LOOK_CLOSER)
+    assert (message_shape.pickle_shape(payload[:-1])
+            == message_shape.LOOK_CLOSER)
 
 
 def test_globals_do_not_prevent_the_shape_shortcut():
-    payload = pickle.dumps((1, False, "x", ({1, 2}, b"\x00" * 5000)), 3)
-    assert len(payload) > wire._UNSCANNED_PAYLOAD
-    assert wire._pickle_shape(payload) == wire._PLAIN
+    payload = _pickled((1, False, "x", ({1, 2}, b"\x00" * 5000)), 3, True)
+    assert message_shape.pickle_shape(payload) == message_shape.PLAIN
     assert wire.PickleCodec().decode(payload).args == ({1, 2}, b"\x00" * 5000)
 
 

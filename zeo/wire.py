@@ -15,9 +15,10 @@ import importlib.util
 import io
 import reprlib
 import pickle
-import pickletools
 import struct
 import threading
+
+from zeo import message_shape
 
 #: Handshake identifiers: encoding letter + protocol version.
 PICKLE_PROTOCOL = b"Z5"
@@ -95,7 +96,8 @@ class FrameReader:
             end = start + self._needed
             if len(buffer) < end:
                 break
-            payloads.append(bytes(buffer[start:end]))
+            with memoryview(buffer) as view:  # one copy, not two
+                payloads.append(bytes(view[start:end]))
             start = end
             self._needed = None
         if start:
@@ -122,207 +124,12 @@ def short_repr(value, limit=60):
     return text
 
 
-#: Containers in a message may nest at most this deep.
-MAX_MESSAGE_DEPTH = 100
-#: Below this size, a payload without memo-get bytes needs no opcode scan:
-#: it cannot share references and cannot nest dangerously deep.
-_UNSCANNED_PAYLOAD = 4096
-_MEMO_GET_BYTES = (b"2", b"g", b"h", b"j")  # DUP, GET, BINGET, LONG_BINGET
-_REFUSED_OPCODES = frozenset(["PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"])
-_MEMO_PUTS = frozenset(["PUT", "BINPUT", "LONG_BINPUT"])
-_MEMO_GETS = frozenset(["GET", "BINGET", "LONG_BINGET"])
-_GLOBALS = frozenset(["GLOBAL", "STACK_GLOBAL"])
-#: Values that may be referenced twice: sharing them costs nothing.
-_SCALARS = frozenset(["None", "bool", "int", "int_or_bool", "float", "str",
-                      "bytes", "bytes_or_str"])
-_LEAF = (0, True)  # (nesting depth, may be shared)
-
-
-def check_pickle_shape(payload):
-    """Refuse pickles whose decoding alone could hang or crash us.
-
-    Two hostile shapes, found before a single object is built: a container
-    referenced twice through the memo (124 bytes of DUP and TUPLE2 make a
-    tuple of 2**60 leaves that hashing, as a dict key or set member, or
-    encoding walks for ever) and very deep nesting (hashing a tuple a
-    million levels deep overflows the C stack).  Legitimate messages share
-    at most strings, numbers and globals, and nest a few levels.  A
-    pickle of few opcodes and no memo get or DUP (what every ZEO peer
-    sends) is recognised by a quick walk over its opcodes, and small
-    payloads with no memo-get byte at all are safe without looking
-    further; only the rest is simulated opcode by opcode.
-    """
-    if not _pickle_shape(payload):
-        _check_closely(payload)
-
-
-def _check_closely(payload):
-    """`check_pickle_shape` for a payload `_pickle_shape` could not vouch
-    for."""
-    if not isinstance(payload, (bytes, bytearray)):
-        payload = bytes(payload)  # `in` must search bytes, not items
-    if len(payload) < _UNSCANNED_PAYLOAD and not any(
-            opcode in payload for opcode in _MEMO_GET_BYTES):
-        return
-    stack = []  # (depth, shareable) of each value on the simulated stack
-    marks = []
-    memo = {}
+def check_shape(check, payload):
+    """Run a `zeo.message_shape` check; a refusal is a protocol error."""
     try:
-        for opcode, arg, _position in pickletools.genops(payload):
-            name = opcode.name
-            if name in _REFUSED_OPCODES:
-                raise ProtocolError("message uses the %s opcode" % name)
-            if name in _MEMO_PUTS:
-                memo[arg] = stack[-1]
-            elif name == "MEMOIZE":
-                memo[len(memo)] = stack[-1]
-            elif name in _MEMO_GETS or name == "DUP":
-                item = memo[arg] if name != "DUP" else stack[-1]
-                if not item[1]:
-                    raise ProtocolError("message references a container "
-                                        "twice (%s)" % name)
-                stack.append(item)
-            elif name in _GLOBALS:
-                del stack[len(stack) - len(opcode.stack_before):]
-                stack.append(_LEAF)
-            else:
-                _simulate(opcode, stack, marks)
-    except (ValueError, IndexError, KeyError) as error:
-        raise ProtocolError("malformed pickle: %s" % error) from None
-
-
-#: Opcodes that resolve a global or call something: whatever they name or
-#: build can only come from the restricted unpickler.
-_CALLING_OPCODES = frozenset([
-    "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ",
-    "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"])
-#: Opcodes the quick walk leaves to the full scan: memo gets and DUP (the
-#: only way to share a value), refused opcodes, protocol 5 out-of-band
-#: buffers, and text-argument opcodes other than GLOBAL and INST.
-_UNWALKED_OPCODES = (_MEMO_GETS | _REFUSED_OPCODES
-                     | frozenset(["DUP", "NEXT_BUFFER", "READONLY_BUFFER"]))
-
-#: Results of `_pickle_shape`.
-_LOOK_CLOSER = 0
-#: Few opcodes, no memo get or DUP, but globals or calls.
-_PLAIN = 1
-#: As _PLAIN, and nothing resolved or called: plain `pickle.loads` is safe.
-_CALL_FREE = 2
-
-#: `_SHAPE_STEPS[opcode byte]`: how the quick walk steps over the opcode.
-#: A positive value is the opcode's whole length; the negative codes below
-#: say how to find it; 0 sends the payload to the full scan.
-_COUNTED1, _COUNTED4, _COUNTED8 = -1, -4, -8  # little-endian length first
-_CALLING = -20  # a calling opcode without argument
-_TEXT_PAIR = -21  # GLOBAL or INST: two newline-terminated names
-_STOP_STEP = -22
-
-
-def _shape_steps():
-    counted = {pickletools.TAKEN_FROM_ARGUMENT1: _COUNTED1,
-               pickletools.TAKEN_FROM_ARGUMENT4: _COUNTED4,
-               pickletools.TAKEN_FROM_ARGUMENT4U: _COUNTED4,
-               pickletools.TAKEN_FROM_ARGUMENT8U: _COUNTED8}
-    steps = [0] * 256
-    for opcode in pickletools.opcodes:
-        name = opcode.name
-        code = ord(opcode.code)
-        if name in _UNWALKED_OPCODES:
-            continue
-        if name == "STOP":
-            steps[code] = _STOP_STEP
-        elif name in ("GLOBAL", "INST"):
-            steps[code] = _TEXT_PAIR
-        elif name in _CALLING_OPCODES:
-            assert opcode.arg is None, name
-            steps[code] = _CALLING
-        elif opcode.arg is None:
-            steps[code] = 1
-        elif opcode.arg.n >= 0:
-            steps[code] = 1 + opcode.arg.n
-        elif opcode.arg.n in counted:
-            steps[code] = counted[opcode.arg.n]
-    return steps
-
-
-_SHAPE_STEPS = _shape_steps()
-#: A pickle of at most this many opcodes cannot nest deep enough to hurt.
-_PLAIN_OPCODE_LIMIT = 4096
-_OPCODE_BUDGET = range(_PLAIN_OPCODE_LIMIT)
-_unpack_u32 = struct.Struct("<I").unpack_from
-_unpack_u64 = struct.Struct("<Q").unpack_from
-
-
-def _pickle_shape(payload):
-    """Classify a message pickle in one quick walk over its opcodes.
-
-    `_PLAIN` if it has neither memo gets nor DUP and is short in opcodes
-    (so it cannot nest dangerously deep) and ends exactly at its STOP:
-    the shape of every message a ZEO peer pickles in "fast" mode.
-    `_CALL_FREE` if moreover no opcode resolves a global or calls
-    anything, as in almost every message: such a pickle can only build
-    plain values, so `pickle.loads` decodes it exactly as the restricted
-    unpickler would.  `_LOOK_CLOSER` (false) means "look closer", not
-    "refuse".  Arguments are skipped, not read (an object record is one
-    opcode), so a message costs about a microsecond.
-    """
-    steps = _SHAPE_STEPS
-    position = 0
-    calls = False
-    try:
-        for _ in _OPCODE_BUDGET:
-            step = steps[payload[position]]
-            if step > 0:
-                position += step
-            elif step == _COUNTED1:
-                position += 2 + payload[position + 1]
-            elif step == _COUNTED4:
-                position += 5 + _unpack_u32(payload, position + 1)[0]
-            elif step == _STOP_STEP:
-                if position + 1 != len(payload):
-                    return _LOOK_CLOSER
-                return _PLAIN if calls else _CALL_FREE
-            elif step == _CALLING:
-                calls = True
-                position += 1
-            elif step == _TEXT_PAIR:
-                calls = True
-                position = _after_text_pair(payload, position)
-            elif step == _COUNTED8:
-                position += 9 + _unpack_u64(payload, position + 1)[0]
-            else:
-                return _LOOK_CLOSER
-    except (IndexError, ValueError, struct.error):  # truncated: the full
-        pass  # scan says how
-    return _LOOK_CLOSER
-
-
-def _after_text_pair(payload, position):
-    """Where the GLOBAL or INST opcode at `position` ends."""
-    if not isinstance(payload, (bytes, bytearray)):
-        payload = bytes(payload)
-    return payload.index(b"\n", payload.index(b"\n", position + 1) + 1) + 1
-
-
-def _simulate(opcode, stack, marks):
-    """Apply one opcode's stack effect, tracking nesting depth."""
-    taken = []
-    for before in reversed(opcode.stack_before):  # top of stack first
-        if before is pickletools.markobject:
-            start = marks.pop()
-            taken.extend(stack[start:])
-            del stack[start:]
-        elif before is not pickletools.stackslice:
-            taken.append(stack.pop())
-    depth = max(depth for depth, _shareable in taken) + 1 if taken else 0
-    if depth > MAX_MESSAGE_DEPTH:
-        raise ProtocolError("message nested deeper than %d"
-                            % MAX_MESSAGE_DEPTH)
-    for after in opcode.stack_after:
-        if after is pickletools.markobject:
-            marks.append(len(stack))
-        else:
-            stack.append((depth, not taken and after.name in _SCALARS))
+        check(payload)
+    except message_shape.ShapeError as error:
+        raise ProtocolError("refused message: %s" % error) from None
 
 
 # --- pickle encoding ---------------------------------------------------
@@ -475,8 +282,8 @@ class PickleCodec:
             self._kept_lock.release()
 
     def decode(self, payload):
-        shape = _pickle_shape(payload)
-        if shape == _CALL_FREE:
+        shape = message_shape.pickle_shape(payload)
+        if shape == message_shape.CALL_FREE:
             # Nothing to resolve, nothing to call: the restricted
             # unpickler would build exactly what plain loads builds.
             try:
@@ -487,7 +294,7 @@ class PickleCodec:
                     % (short_repr(bytes(payload[:40])), exc)) from None
             return _as_message(value)
         if not shape:
-            _check_closely(payload)
+            check_shape(message_shape.check_pickle_closely, payload)
         return self._decode_restricted(payload)
 
     def _decode_restricted(self, payload):
@@ -556,6 +363,7 @@ class MsgpackCodec:
                            default=_msgpack_default)
 
     def decode(self, payload):
+        check_shape(message_shape.check_msgpack_shape, payload)
         try:
             value = self._unpackb(payload, raw=False, use_list=False)
         except self._unpack_errors as exc:
