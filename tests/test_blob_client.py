@@ -24,8 +24,8 @@ from zeo.client.blob_cache import Downloads
 
 pytestmark = pytest.mark.timeout(120)
 
-#: The server implementations blobs are tested against (ours joins when
-#: our server serves blobs).
+#: The server implementations blobs are tested against, in every
+#: test_blob_client* module (ours joins when our server serves blobs).
 BLOB_SERVER_IMPLS = (THEIRS,)
 
 

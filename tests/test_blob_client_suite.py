@@ -22,14 +22,11 @@ import pytest
 import ZODB.tests.testblob
 
 from conftest import CLIENT_TIMEOUT, server_environment
-from server_process import THEIRS, start_configured_server, stop_all
+from server_process import start_configured_server, stop_all
+from test_blob_client import BLOB_SERVER_IMPLS
 from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(180)
-
-#: The server implementations the suite runs against (ours will join
-#: when our server serves blobs).
-BLOB_SERVER_IMPLS = (THEIRS,)
 
 #: Blob modes: whether the client shares the server's blob directory.
 MODES = {"cache": False, "shared": True}
