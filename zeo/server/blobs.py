@@ -238,11 +238,14 @@ class Downloads:
     """The blob downloads of one connection.
 
     Each download runs in a thread of its own, started for it and ending
-    with it: a big blob to a slow client then delays nothing else on the
-    connection (its loads, a commit it holds the lock for, other clients
-    waiting for that lock).  Past `MAX_DOWNLOAD_THREADS` at once, a
-    download runs in the connection's thread, which bounds the threads a
-    client can make us start.
+    with it.  Streaming in the connection's thread would be simpler, but
+    every later call of the connection would then wait for the whole blob:
+    its loads, and the tpc_finish of a transaction that another thread of
+    the same client has voted, which would keep the commit lock, and so
+    every other client's commits, for as long as a slow client takes to
+    read a big blob.  Past `MAX_DOWNLOAD_THREADS` at once, a download runs
+    in the connection's thread, which bounds the threads a client can
+    make us start.
 
     Ordering (PROTOCOL.md 9) holds because each download puts its messages
     into the connection's one outbox: receiveBlobStart, the chunks and
