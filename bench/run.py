@@ -19,9 +19,10 @@ compared with what the clients did, which proves that the loads really
 reached the server (no client cache in the way) and that every commit
 committed.
 
-A last section (`persistent_cache.py`) times the pairs with persistent
-client caches: a fresh client's start-up after a server restart, and warm
-cached reads.
+Two last sections time the pairs with persistent client caches
+(`persistent_cache.py`: a fresh client's start-up after a server restart,
+and warm cached reads) and blob transfer (`blobs.py`: upload and download
+throughput, and the server's memory while a big blob crosses it).
 
 See bench/README.md for how to read the output.
 """
@@ -42,6 +43,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
+import blobs  # noqa: E402
 import persistent_cache  # noqa: E402
 import server_process  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
@@ -115,7 +117,15 @@ def parse_arguments(argv):
         "--cache-objects", type=int,
         help="objects in the persistent-cache measurements' storage and "
              "client cache (default 10000, quick 2000)")
+    parser.add_argument(
+        "--blob-passes", type=int,
+        help="passes of the blob measurements (default 3, quick 1)")
+    parser.add_argument(
+        "--blobs-only", action="store_true",
+        help="run the blob measurements only")
     options = parser.parse_args(argv)
+    if options.blob_passes is None:
+        options.blob_passes = 1 if options.quick else 3
     defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
     for name, default in zip(("repetitions", "duration", "objects"),
                              defaults):
@@ -364,10 +374,29 @@ def print_servers_and_clients(results, figure, unit, number_format,
 def run(options):
     lines = header(options)
     print("\n".join(lines), flush=True)
-    results = {group: {cell: [] for cell in CELLS} for group in GROUPS}
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
-    pool = WorkerPool(CONCURRENCY)
     started = time.monotonic()
+    status = 0
+    try:
+        if not options.blobs_only:
+            status = run_throughput_and_cache(options, scratch)
+        blob_results = blobs.measure_all(options, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print()
+    blobs.print_report(blob_results, options)
+    print()
+    print("whole run: %.0fs" % (time.monotonic() - started))
+    if blobs.report_problems(blob_results):
+        status = 1
+    return status
+
+
+def run_throughput_and_cache(options, scratch):
+    """The throughput tables and the persistent-cache section; returns
+    the exit status their checks call for."""
+    results = {group: {cell: [] for cell in CELLS} for group in GROUPS}
+    pool = WorkerPool(CONCURRENCY)
     try:
         template = StorageTemplate(
             scratch, map(object_record, range(options.objects)))
@@ -384,7 +413,6 @@ def run(options):
             options, scratch, client_kind)
     finally:
         pool.close()
-        shutil.rmtree(scratch, ignore_errors=True)
     print()
     print("Throughput (higher is better): operations completed per second "
           "by all clients")
@@ -424,8 +452,6 @@ def run(options):
         "operation.")
     print()
     persistent_cache.print_report(cache_results, options)
-    print()
-    print("whole run: %.0fs" % (time.monotonic() - started))
     status = report_problems(results)
     if persistent_cache.report_problems(cache_results, log_problems,
                                         without_timestamp):

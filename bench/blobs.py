@@ -1,0 +1,190 @@
+"""Blob transfer: upload and download throughput, and the server's memory.
+
+GitHub issue 6 asks how fast blobs cross each server and each pair, and
+what a big blob costs the server in memory.  Three cells:
+
+* the real ZEO client on our server and on the ZEO server (servers);
+* our client on our server against the ZEO client on the ZEO server
+  (pairs).
+
+Two cases: 1,000 blobs of 100 KB (100 to a transaction) and one blob of
+200 MB.  Each measurement starts a server with a fresh FileStorage and
+blob directory, uploads with one client process (`blob_client.py`) and
+downloads with another whose blob cache is empty, then stops the server.
+Throughput is MB (10**6 bytes) per second of the client's clock; the
+server's peak RSS growth is its VmHWM after the transfer minus its RSS
+before (the peak is reset through /proc/PID/clear_refs).  The download's
+digest must equal the upload's.  Passes alternate the cell order.
+"""
+
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import server_process
+
+CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "blob_client.py")
+#: (label, blobs, bytes each, blobs per transaction)
+CASES = [("1000 blobs of 100 KB", 1000, 100 * 1000, 100),
+         ("1 blob of 200 MB", 1, 200 * 1000 * 1000, 1)]
+QUICK_CASES = [("100 blobs of 100 KB", 100, 100 * 1000, 100),
+               ("1 blob of 20 MB", 1, 20 * 1000 * 1000, 1)]
+#: (client, server): the ZEO client on both servers, and the two pairs.
+CELLS = [("ZEO", "ours"), ("ZEO", "ZEO"), ("ours", "ours")]
+COMPARISONS = [("ZEO client", ("ZEO", "ours"), ("ZEO", "ZEO")),
+               ("pairs", ("ours", "ours"), ("ZEO", "ZEO"))]
+CHILD_TIMEOUT = 600
+
+Transfer = collections.namedtuple(
+    "Transfer", "upload_mbps download_mbps server_peak_kib problems")
+
+
+def run_client(spec):
+    child = subprocess.run(
+        [sys.executable, CLIENT_SCRIPT, json.dumps(spec)],
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    if child.returncode != 0:
+        raise RuntimeError("%s blob client (%s) exited with status %s:\n%s"
+                           % (spec["client"], spec["mode"], child.returncode,
+                              child.stderr[-2000:]))
+    return json.loads(child.stdout)
+
+
+def status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("no %s for process %d" % (field, pid))
+
+
+def measure(cell, case, options, scratch):
+    """One upload and one download through a fresh server."""
+    client, side = cell
+    _label, count, size, per_transaction = case
+    directory = tempfile.mkdtemp(dir=scratch)
+    impl = (server_process.OURS if side == "ours" and not options.ours_is_zeo
+            else server_process.THEIRS)
+    if client == "ours" and options.ours_is_zeo:
+        client = "ZEO"
+    section = ("<filestorage 1>\n  path %s\n  blob-dir %s\n</filestorage>"
+               % (os.path.join(directory, "Data.fs"),
+                  os.path.join(directory, "blobs")))
+    server = server_process.start_configured_server(
+        directory, storages={"1": section}, impl=impl)
+    problems = []
+    try:
+        pid = server.process.pid
+        before = status_kib(pid, "VmRSS")
+        with open("/proc/%d/clear_refs" % pid, "w") as clear_refs:
+            clear_refs.write("5")
+        spec = {"client": client, "port": server.address[1],
+                "count": count, "size": size,
+                "per_transaction": per_transaction}
+        up = run_client(dict(spec, mode="upload", blob_dir=os.path.join(
+            directory, "upload-cache")))
+        down = run_client(dict(spec, mode="download", blob_dir=os.path.join(
+            directory, "download-cache")))
+        peak = status_kib(pid, "VmHWM") - before
+        if down["digest"] != up["digest"] or down["bytes"] != count * size:
+            problems.append("downloaded %d bytes that differ from the "
+                            "upload" % down["bytes"])
+        total = count * size / 1e6
+        return Transfer(total / up["seconds"], total / down["seconds"],
+                        peak, problems)
+    except (RuntimeError, OSError, ValueError,
+            subprocess.TimeoutExpired) as exc:
+        return Transfer(None, None, None, [str(exc)])
+    finally:
+        if server.stop() != 0:
+            problems.append("server exited with a non-zero status")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure_all(options, scratch):
+    """{case label: {cell: [Transfer per pass]}}."""
+    cases = QUICK_CASES if options.quick else CASES
+    results = {case[0]: {cell: [] for cell in CELLS} for case in cases}
+    for repetition in range(options.blob_passes):
+        print("blobs, pass %d/%d ..." % (repetition + 1,
+                                          options.blob_passes),
+              file=sys.stderr, flush=True)
+        order = CELLS if repetition % 2 == 0 else CELLS[::-1]
+        for case in cases:
+            for cell in order:
+                results[case[0]][cell].append(
+                    measure(cell, case, options, scratch))
+    return results
+
+
+def _median(transfers, field):
+    values = [getattr(t, field) for t in transfers
+              if getattr(t, field) is not None]
+    return statistics.median(values) if values else None
+
+
+def _cell(value, number_format="%.1f"):
+    return "-" if value is None else number_format % value
+
+
+def _ratio(ours, theirs):
+    return "%.2f" % (ours / theirs) if ours and theirs else "-"
+
+
+def format_lines(results):
+    """One row per case and figure: the ZEO client on our server and on
+    ZEO's, then the pairs, each with its ratio."""
+    row = "%-40s | %8s %8s %6s | %8s %8s %6s"
+    lines = ["%-40s | %-24s | %-24s" % ("", "the ZEO client on server",
+                                        "pairs (client + server)"),
+             row % ("case, figure", "ours", "ZEO", "ratio", "ours", "ZEO",
+                    "ratio")]
+    for case, cells in results.items():
+        for field, unit in (("upload_mbps", "upload MB/s"),
+                            ("download_mbps", "download MB/s"),
+                            ("server_peak_kib", "server peak RSS +MB")):
+            cell = []
+            for _label, ours, theirs in COMPARISONS:
+                mine = _median(cells[ours], field)
+                other = _median(cells[theirs], field)
+                if field == "server_peak_kib":
+                    mine = None if mine is None else mine / 1024
+                    other = None if other is None else other / 1024
+                    cell += [_cell(mine), _cell(other), ""]
+                else:
+                    cell += [_cell(mine), _cell(other), _ratio(mine, other)]
+            lines.append(row % tuple(["%s, %s" % (case, unit)] + cell))
+    return lines
+
+
+def print_report(results, options):
+    print("Blob transfer (GitHub issue 6): MB/s of the client's clock, "
+          "median of %d passes;" % options.blob_passes)
+    print("ratio = ours / ZEO, above 1 means ours is faster.  Upload = "
+          "write + commit;")
+    print("download = a fresh client (empty blob cache) reads every blob.  "
+          "Server peak RSS")
+    print("+MB: VmHWM after the transfer - RSS before.")
+    print("\n".join(format_lines(results)))
+
+
+def report_problems(results):
+    """Print failed checks; True when there were any."""
+    failed = False
+    for case, cells in results.items():
+        for (client, side), transfers in cells.items():
+            for number, transfer in enumerate(transfers, 1):
+                for problem in transfer.problems:
+                    failed = True
+                    print("PROBLEM with blobs, %s, %s client on %s server, "
+                          "pass %d: %s" % (case, client, side, number,
+                                           problem))
+    if not failed:
+        print("checks: blobs: every download equals its upload.")
+    return failed
