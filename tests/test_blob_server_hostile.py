@@ -536,6 +536,30 @@ def test_a_stalled_download_blocks_no_commit_and_keeps_the_order(
     assert received.digest() == hashlib.sha256(data).digest()
 
 
+def test_a_stalled_download_does_not_hold_up_its_own_connections_commit(
+        start_blob_server, raw_clients):
+    """The same client votes, asks for a big blob it does not read, and
+    finishes: the finish runs, so the commit lock is free for others."""
+    server = start_blob_server()
+    client = raw_clients(server)
+    blob_tid = commit_blob(client, 1, p64(1), os.urandom(1024 ** 2) * 32)
+    begin(client, 2)
+    client.send_oneway("storea", p64(2), z64, BLOB_RECORD, 2)
+    client.call("vote", 2)
+    download = client.send_call("sendBlob", p64(1), blob_tid)
+    assert client.read_message().name == "receiveBlobStart"
+    finish = client.send_call("tpc_finish", 2)
+
+    other = raw_clients(server)
+    other_tid = commit_blob(other, 1, p64(3), b"after the lock came free")
+    messages = read_messages_until_reply(client, download, timeout=60)
+    names = [message.name for message in messages]
+    finished = [message for message in messages
+                if message.name == ".reply" and message.msgid == finish]
+    assert len(finished) == 1 and finished[0].args < other_tid
+    assert names.index(".reply") < names.index("receiveBlobStop")
+
+
 def test_a_client_that_disconnects_mid_download_costs_nothing(
         start_blob_server, raw_clients, open_blob_db):
     server = start_blob_server()
