@@ -69,7 +69,8 @@ def start_blob_server(tmp_path, blob_server_impl):
 
     yield start
     statuses = stop_all(servers)
-    assert statuses == [0] * len(servers), "server exit statuses"
+    assert statuses == [-9 if getattr(server, "killed", False) else 0
+                        for server in servers], "server exit statuses"
 
 
 @pytest.fixture(params=MODES)
@@ -342,19 +343,28 @@ def test_a_missing_blob_file_is_a_poskeyerror(
 @pytest.mark.zeo_bug("unfinished uploads stay in the blob temporary "
                      "directory for ever")
 def test_a_restart_removes_unfinished_uploads_and_nothing_else(
-        start_blob_server, open_blob_db, tmp_path):
+        start_blob_server):
     server = start_blob_server()
+    with RawClient(server.address) as client:
+        client.handshake()
+        client.register()
+        client.send_oneway("tpc_begin", 1, b"", b"", {}, None, " ")
+        client.send_oneway("storeBlobStart")
+        client.send_oneway("storeBlobChunk", b"never finished")
+        client.call("ping")
+        [unfinished] = temporary_files(server.blob_dir)
+        server.kill()  # a crash: nothing cleans up
+        server.killed = True
     tmp = os.path.join(server.blob_dir, "tmp")
-    # What a server killed mid-upload leaves (see blobs.TEMP_PREFIX), and
-    # what others put there: a local ZODB's uncommitted blob, a file
+    assert os.listdir(tmp) == [unfinished]
+    # What a crash in a repeated vote leaves (see TransactionBlobs.replay),
+    # and what others put there: a local ZODB's uncommitted blob, files
     # merely looking like ours.
-    orphans = ["zeo-blob-abc123.part", "zeo-blob-x.1.vote.part"]
     others = ["BUCabc123", "zeo-blob-x.blob", "mine.part"]
-    for name in orphans + others:
+    for name in others + [unfinished + ".vote.part"]:
         with open(os.path.join(tmp, name), "wb") as handle:
             handle.write(b"x")
     os.mkdir(os.path.join(tmp, "zeo-blob-dir.part"))
-    assert server.stop() == 0
 
     restarted = start_blob_server()
     assert temporary_files(restarted.blob_dir) == sorted(
