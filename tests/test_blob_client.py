@@ -18,15 +18,16 @@ from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from ZODB.utils import p64, z64
 
 from conftest import CLIENT_TIMEOUT, server_environment
-from server_process import THEIRS, start_configured_server, stop_all
+from server_process import OURS, THEIRS, start_configured_server
+from server_process import stop_all
 from zeo.ClientStorage import ClientStorage
 from zeo.client.blob_cache import Downloads
 
 pytestmark = pytest.mark.timeout(120)
 
 #: The server implementations blobs are tested against, in every
-#: test_blob_client* module (ours joins when our server serves blobs).
-BLOB_SERVER_IMPLS = (THEIRS,)
+#: test_blob_client* module: ours, and the real ZEO as the reference.
+BLOB_SERVER_IMPLS = (OURS, THEIRS)
 
 
 def start_blob_server(directory, impl):

@@ -122,6 +122,15 @@ class CachedBlobs(_Blobs):
         _Blobs.__init__(self, self.cache.fshelper)
         self.downloads = self.cache.downloads
 
+    def take(self, oid, serial, filename):
+        """A file in our temporary directory (where ZODB makes every new
+        blob's) is ours already: it stays there until the commit ends,
+        which saves creating a file per upload.  Others move in."""
+        if os.path.dirname(os.path.abspath(filename)) == os.path.abspath(
+                self.fshelper.temp_dir):
+            return filename
+        return _Blobs.take(self, oid, serial, filename)
+
     def load(self, oid, serial, fetch):
         return self.cache.load(oid, serial, fetch)
 
