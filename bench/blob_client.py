@@ -46,9 +46,10 @@ def blob_bytes(number, size):
     left = size
     first = True
     while left:
-        chunk = (prefix + _PATTERN[len(prefix):]) if first else _PATTERN
-        first = False
-        chunk = chunk[:left]
+        chunk = _PATTERN[:left]
+        if first:
+            chunk = prefix + chunk[len(prefix):]
+            first = False
         yield chunk
         left -= len(chunk)
 
