@@ -49,9 +49,10 @@ class PolicyConnection:
         self._thread = None
         self.received = None
 
-    def receive(self):
+    def receive(self, replied=True):
         def run():
-            count = self._receiver.recv_into(self._sock, self._buffer)
+            count = self._receiver.recv_into(self._sock, self._buffer,
+                                             replied)
             self.received = bytes(self._buffer[:count])
         self.received = None
         self._thread = threading.Thread(target=run, name="test-receiver")
@@ -118,6 +119,17 @@ def test_a_lone_connection_polls_until_the_window_runs_out(connect):
     clock.now = 1.0
     wait_for_working(policy, 0, "it sleeps")
     connection.deliver(b"late")
+
+
+def test_no_polling_after_a_one_way_message(connect):
+    """After a one-way message (a stream of blob chunks, say) the client
+    waits for nothing: the connection sleeps at once, although the hand
+    clock stands still and the window never runs out."""
+    policy = BusyPolling(window=1.0, clock=HandClock())
+    connection = connect(policy)
+    connection.receive(replied=False)
+    wait_for_working(policy, 0, "it sleeps")
+    connection.deliver(b"next chunk")
 
 
 def test_a_message_within_the_window_is_received_by_polling(connect):

@@ -9,7 +9,11 @@ every round trip.  So, like an adaptive mutex that spins before it
 blocks, a thread that has just answered polls its socket for a short
 window before it sleeps.
 
-Polling burns CPU that could serve somebody else, so four rules bound it:
+Polling burns CPU that could serve somebody else, so five rules bound it:
+
+* Only after a reply: after a one-way message (a stream of stores or of
+  blob chunks) the client waits for nothing, and sends its next message
+  when it is ready; polling would only take CPU from it.
 
 * Only a connection that is the only one talking polls: if another
   connection received a message during the last `QUIET_PERIOD`, it does
@@ -100,13 +104,14 @@ class Receiver:
         self._working = policy._working
         self._client_is_quick = True
 
-    def recv_into(self, sock, buffer):
+    def recv_into(self, sock, buffer, replied=True):
         """Receive into `buffer` like `sock.recv_into`, polling first when
-        the policy allows; returns the number of bytes received."""
+        the policy allows (`replied`: the last message was a call we
+        answered); returns the number of bytes received."""
         policy = self._policy
         window = policy.window
         started = policy.clock()
-        if window and self._client_is_quick \
+        if window and replied and self._client_is_quick \
                 and policy.others_quiet(self, started):
             received = self._poll(sock, buffer, started + window)
             if received is not None:

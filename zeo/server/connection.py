@@ -48,6 +48,9 @@ class ServerConnection:
                              on_overflow=self._overflowed)
         self.session = Session(server, self)
         self._receiver = server.busy_polling.receiver()
+        #: Whether the last message was a call we answered (busy polling
+        #: waits for the next message only then).
+        self._replied = True
 
     # -- the channel interface used by the session ----------------------------
 
@@ -163,7 +166,8 @@ class ServerConnection:
         while True:
             if self._closing.is_set():
                 return None
-            received = self._receiver.recv_into(self.sock, buffer)
+            received = self._receiver.recv_into(self.sock, buffer,
+                                                self._replied)
             if not received:
                 return None
             payloads = reader.feed(buffer[:received])
@@ -201,6 +205,7 @@ class ServerConnection:
         else:
             method, publication = entry
         oneway = bool(flag)
+        self._replied = not oneway
         if not isinstance(args, (tuple, list)):
             keep = self._fail(msgid, oneway, name, TypeError(
                 "arguments of %s must be a sequence" % name))
