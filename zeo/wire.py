@@ -71,22 +71,35 @@ class FrameReader:
         self._needed = None  # payload length of the frame being read
 
     def feed(self, data):
-        """Add received bytes; return the list of complete payloads."""
+        """Add received bytes; return the list of complete payloads.
+
+        Whole frames are cut straight out of `data`, one copy each; only
+        the unfinished frame at its end waits in the buffer.
+        """
         buffer = self._buffer
-        if not buffer and self._needed is None and len(data) >= 4:
-            # The common case, one whole frame and nothing left over: its
-            # payload is copied once, and nothing is buffered.
-            (length,) = _LENGTH.unpack_from(data)
-            if len(data) == 4 + length and length <= self.max_frame_size:
-                return [bytes(data[4:])]
-        buffer += data
+        if buffer or self._needed is not None:
+            buffer += data
+            with memoryview(buffer) as view:
+                payloads, used = self._cut(view)
+            del buffer[:used]
+            return payloads
+        with memoryview(data) as view:
+            payloads, used = self._cut(view)
+            if used < len(view):
+                buffer += view[used:]
+        return payloads
+
+    def _cut(self, view):
+        """The complete payloads at the start of `view`, and how many of
+        its bytes they (and the length word of the next one) took."""
         payloads = []
         start = 0
+        available = len(view)
         while True:
             if self._needed is None:
-                if len(buffer) - start < 4:
+                if available - start < 4:
                     break
-                (length,) = _LENGTH.unpack_from(buffer, start)
+                (length,) = _LENGTH.unpack_from(view, start)
                 if length > self.max_frame_size:
                     raise ProtocolError(
                         "frame of %d bytes exceeds the limit of %d bytes"
@@ -94,15 +107,12 @@ class FrameReader:
                 self._needed = length
                 start += 4
             end = start + self._needed
-            if len(buffer) < end:
+            if end > available:
                 break
-            with memoryview(buffer) as view:  # one copy, not two
-                payloads.append(bytes(view[start:end]))
+            payloads.append(bytes(view[start:end]))
             start = end
             self._needed = None
-        if start:
-            del buffer[:start]
-        return payloads
+        return payloads, start
 
     @property
     def buffered(self):
