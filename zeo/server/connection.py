@@ -16,7 +16,8 @@ import time
 
 from zeo import wire
 from zeo.rpc import Outbox
-from zeo.server.session import DEFERRED, Reply, Session, run_handoffs
+from zeo.server.outcome import DEFERRED, Reply, run_handoffs
+from zeo.server.session import Session
 
 logger = logging.getLogger(__name__)
 

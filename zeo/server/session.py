@@ -15,11 +15,14 @@ import threading
 
 import zope.interface
 from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
-                               StorageTransactionError, Unsupported)
+                               StorageTransactionError)
 from ZODB.serialize import referencesf
 
 from zeo.server import blobs
+from zeo.server.blob_calls import BlobCalls
 from zeo.server.commit import Buffering, Voted
+from zeo.server.outcome import (DEFERRED, Reply, hand_off_then_send,
+                                run_handoffs)
 from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
@@ -48,52 +51,7 @@ PUBLISHED_READS = frozenset("""
 """.split())
 
 
-class Reply:
-    """A call's outcome: a value or an error, and what to run once sent.
-
-    `after` is a commit-lock hand-off (see CommitLock.release), or for a
-    commit `hand_off_then_send`: `run_handoffs` runs it after the reply is
-    queued, outside every lock.
-    """
-
-    __slots__ = ("value", "error", "after")
-
-    def __init__(self, value=None, error=None, after=None):
-        self.value = value
-        self.error = error
-        self.after = after
-
-
-#: Returned by a call that will reply later (a parked vote, a pack).
-DEFERRED = object()
-
-
-def run_handoffs(granted):
-    """Run commit-lock hand-offs until one keeps the lock."""
-    while granted is not None:
-        granted = granted()
-
-
-def hand_off_then_send(granted, served, informed):
-    """What a commit leaves to do once its reply is queued: hand the lock
-    on, then send the invalidations queued on the `informed` sessions of
-    `served`.
-
-    In that order because the next voter waits for the lock, and only for
-    it: with several clients committing, sending every invalidation first
-    would hold the lock for one socket send per client.  The invalidations
-    were queued under the publication lock, so each session's outbox keeps
-    them ahead of anything queued later, the next vote's reply included.
-    """
-    def after():
-        try:
-            run_handoffs(granted)
-        finally:  # nobody else would send them before the next reply
-            served.send_queued(informed)
-    return after
-
-
-class Session:
+class Session(BlobCalls):
     """One client connection's view of the server."""
 
     def __init__(self, server, channel):
@@ -323,75 +281,6 @@ class Session:
     def undoa(self, undo_id, txn_id):
         with self._txn_lock:
             self._buffering(txn_id).record("undo", undo_id)
-
-    # -- blobs (PROTOCOL.md 10; the work is in zeo.server.blobs) -----------
-
-    def _blob_storage(self):
-        storage = self.served.storage
-        if not blobs.serves_blobs(storage):
-            raise Unsupported("storage %s does not support blobs"
-                              % self.served.name)
-        return storage
-
-    def _storing(self, txn_id):
-        """The open transaction, not yet voting, that blobs are added to;
-        `txn_id` None for the upload calls, which name none."""
-        if self.read_only:
-            raise ReadOnlyError()
-        txn = self._txn
-        if txn is None:
-            raise StorageTransactionError("no transaction for this blob")
-        if txn_id is not None and txn.txn_id != txn_id:
-            raise StorageTransactionError(txn.txn_id, txn_id)
-        if txn.voting:
-            raise StorageTransactionError("Already voting")
-        return txn
-
-    def storeBlobStart(self):
-        storage = self._blob_storage()
-        with self._txn_lock:
-            self._storing(None).blobs.start_upload(
-                storage.temporaryDirectory())
-
-    def storeBlobChunk(self, chunk):
-        with self._txn_lock:
-            self._storing(None).blobs.write(chunk)
-
-    def storeBlobEnd(self, oid, serial, data, txn_id):
-        with self._txn_lock:
-            size = self._storing(txn_id).blobs.end_upload(oid, serial, data)
-        self.stats.add("blobs_received")
-        self.stats.add("blob_bytes_received", size)
-        self.log("received blob %s (%d bytes)", oid.hex(), size,
-                 level=logging.DEBUG)
-
-    def storeBlobShared(self, oid, serial, data, filename, txn_id):
-        storage = self._blob_storage()
-        with self._txn_lock:
-            txn = self._storing(txn_id)
-            try:
-                path = blobs.shared_blob_path(storage, oid, filename)
-            except blobs.RefusedBlobName as refused:
-                # Logged here, once, as a possible attack; the client gets
-                # a ValueError, a class it can rebuild.
-                self.log("%s", refused, level=logging.WARNING)
-                return Reply(error=ValueError(str(refused)))
-            txn.blobs.add_shared(oid, serial, data, path)
-
-    def sendBlob(self, oid, serial):
-        storage = self._blob_storage()
-        blobs.check_id(oid)
-        blobs.check_id(serial)
-        with self.served.access:
-            blob_file = storage.openCommittedBlobFile(oid, serial)
-        self._downloads.start(blob_file, oid, serial, self.current_msgid)
-        return DEFERRED
-
-    def _blob_sent(self, msgid, size, error):
-        if error is None:
-            self.stats.add("blobs_sent")
-            self.stats.add("blob_bytes_sent", size)
-        self.channel.reply(msgid, Reply(error=error))
 
     def vote(self, txn_id):
         with self._txn_lock:
