@@ -68,6 +68,7 @@ def measure(cell, case, options, scratch):
     """One upload and one download through a fresh server."""
     client, side = cell
     _label, count, size, per_transaction = case
+    os.sync()  # the last measurement's dirty pages are not ours to write
     directory = tempfile.mkdtemp(dir=scratch)
     impl = (server_process.OURS if side == "ours" and not options.ours_is_zeo
             else server_process.THEIRS)

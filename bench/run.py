@@ -119,13 +119,13 @@ def parse_arguments(argv):
              "client cache (default 10000, quick 2000)")
     parser.add_argument(
         "--blob-passes", type=int,
-        help="passes of the blob measurements (default 3, quick 1)")
+        help="passes of the blob measurements (default 5, quick 1)")
     parser.add_argument(
         "--blobs-only", action="store_true",
         help="run the blob measurements only")
     options = parser.parse_args(argv)
     if options.blob_passes is None:
-        options.blob_passes = 1 if options.quick else 3
+        options.blob_passes = 1 if options.quick else 5
     defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
     for name, default in zip(("repetitions", "duration", "objects"),
                              defaults):
