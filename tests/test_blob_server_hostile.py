@@ -15,8 +15,11 @@ AssertionError), leaves the file of an abandoned upload behind, and
 loses the blob of a transaction that votes again.
 """
 
+import array
+import fcntl
 import hashlib
 import os
+import termios
 import time
 
 import pytest
@@ -558,6 +561,53 @@ def test_a_stalled_download_does_not_hold_up_its_own_connections_commit(
                 if message.name == ".reply" and message.msgid == finish]
     assert len(finished) == 1 and finished[0].args < other_tid
     assert names.index(".reply") < names.index("receiveBlobStop")
+
+
+def wait_until_stalled(client, timeout=CLIENT_TIMEOUT):
+    """Wait until the bytes waiting in `client`'s socket stop growing: the
+    kernel's buffers are full and the server's sends have stalled."""
+    deadline = time.monotonic() + timeout
+    previous, steady = -1, 0
+    while steady < 10:
+        assert time.monotonic() < deadline, "the download never stalled"
+        waiting = array.array("i", [0])
+        fcntl.ioctl(client.sock.fileno(), termios.FIONREAD, waiting)
+        steady = steady + 1 if waiting[0] == previous else 0
+        previous = waiting[0]
+        time.sleep(0.05)
+
+
+def test_a_small_blob_behind_a_stalled_download_holds_up_no_commit(
+        start_blob_server, raw_clients):
+    """A small blob is queued at once in the connection's thread (no
+    thread of its own): even with the outbox full of a stalled big
+    download, it does not wait, so the tpc_finish sent after it runs and
+    frees the commit lock for the others."""
+    server = start_blob_server()
+    client = raw_clients(server)
+    big_tid = commit_blob(client, 1, p64(1), os.urandom(1024 ** 2) * 32)
+    small = os.urandom(CHUNK + 17)
+    small_tid = commit_blob(client, 2, p64(4), small)
+    begin(client, 3)
+    client.send_oneway("storea", p64(2), z64, BLOB_RECORD, 3)
+    client.call("vote", 3)
+    big = client.send_call("sendBlob", p64(1), big_tid)
+    assert client.read_message().name == "receiveBlobStart"
+    wait_until_stalled(client)
+    small_download = client.send_call("sendBlob", p64(4), small_tid)
+    finish = client.send_call("tpc_finish", 3)
+
+    other = raw_clients(server)
+    other_tid = commit_blob(other, 1, p64(3), b"after the lock came free")
+    messages = read_messages_until_reply(client, big, timeout=60)
+    replies = {message.msgid: message for message in messages
+               if message.name == ".reply"}
+    assert replies[finish].args < other_tid
+    assert replies[small_download].args is None
+    received = b"".join(message.args[2] for message in messages
+                        if message.name == "receiveBlobChunk"
+                        and message.args[0] == p64(4))
+    assert received == small
 
 
 def test_a_client_that_disconnects_mid_download_costs_nothing(

@@ -245,7 +245,11 @@ class Downloads:
     every other client's commits, for as long as a slow client takes to
     read a big blob.  Past `MAX_DOWNLOAD_THREADS` at once, a download runs
     in the connection's thread, which bounds the threads a client can
-    make us start.
+    make us start.  A blob that fits in `DOWNLOAD_WINDOW` is queued at
+    once, in the connection's thread, without waiting for the client to
+    read (so it cannot hold up a tpc_finish either): a thread would cost
+    more than sending it, and a client that never reads fills its outbox
+    past the limit and is disconnected, as with any other reply.
 
     Ordering (PROTOCOL.md 9) holds because each download puts its messages
     into the connection's one outbox: receiveBlobStart, the chunks and
@@ -266,12 +270,13 @@ class Downloads:
 
     def start(self, blob_file, oid, serial, msgid):
         """Send `blob_file` (open, positioned at 0; ours to close)."""
+        small = os.fstat(blob_file.fileno()).st_size <= DOWNLOAD_WINDOW
         with self._lock:
-            threaded = self._running < MAX_DOWNLOAD_THREADS
+            threaded = not small and self._running < MAX_DOWNLOAD_THREADS
             if threaded:
                 self._running += 1
         if not threaded:
-            self._send(blob_file, oid, serial, msgid)
+            self._send(blob_file, oid, serial, msgid, wait=not small)
             return
         try:
             self._server.start_worker(
@@ -293,7 +298,7 @@ class Downloads:
         with self._lock:
             self._running -= 1
 
-    def _send(self, blob_file, oid, serial, msgid):
+    def _send(self, blob_file, oid, serial, msgid, wait=True):
         """Stream one blob, then reply.  Gives up quietly when the
         connection closes (the client went away)."""
         channel = self._channel
@@ -307,7 +312,8 @@ class Downloads:
                     if not chunk:
                         break
                     size += len(chunk)
-                    queued = (channel.wait_for_room(DOWNLOAD_WINDOW)
+                    queued = ((not wait
+                               or channel.wait_for_room(DOWNLOAD_WINDOW))
                               and channel.push("receiveBlobChunk",
                                                (oid, serial, chunk),
                                                wake_writer=False))
