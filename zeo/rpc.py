@@ -11,6 +11,7 @@ outbox's own writer thread.
 
 import collections
 import logging
+import os
 import socket
 import threading
 
@@ -224,6 +225,25 @@ class Outbox:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _iov_max():
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))
+    except (AttributeError, ValueError, OSError):
+        return 16  # the POSIX minimum
+
+
+#: Buffers one `sendmsg` may take.
+_IOV_MAX = _iov_max()
+
+
+def send_buffers(sock, buffers):
+    """Send every buffer of `buffers` on the blocking `sock`, in order,
+    without joining them (`sendall` of a list)."""
+    while buffers:
+        batch = buffers[:_IOV_MAX]
+        buffers = _unsent(batch, sock.sendmsg(batch)) + buffers[_IOV_MAX:]
 
 
 def _unsent(batch, sent):

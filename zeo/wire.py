@@ -57,6 +57,20 @@ def frame(payload):
     return _LENGTH.pack(len(payload)) + payload
 
 
+#: Above this size a payload is not copied behind its length word: the
+#: two go to the socket as separate buffers of one `sendmsg`.
+LARGE_PAYLOAD = 64 * 1024
+
+
+def frame_parts(payload):
+    """`payload` framed as a list of buffers: one for a small payload (a
+    copy costs less than a second buffer), the length word and the payload
+    itself for a large one (a blob chunk is not copied again)."""
+    if len(payload) < LARGE_PAYLOAD:
+        return [_LENGTH.pack(len(payload)) + payload]
+    return [_LENGTH.pack(len(payload)), payload]
+
+
 class FrameReader:
     """Splits a byte stream into frame payloads.
 

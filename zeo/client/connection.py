@@ -53,6 +53,7 @@ import time
 
 from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ProtocolError
+from zeo.rpc import send_buffers
 from zeo.client.errors import rebuild_exception
 
 logger = logging.getLogger(__name__)
@@ -321,19 +322,21 @@ class Connection:
         self._send(wire.HEARTBEAT_MSGID, wire.REPLY, wire.REPLY_NAME, None)
 
     def _send(self, msgid, flag, method, args, hold=False):
-        data = wire.frame(self._codec.encode(msgid, flag, method, args))
+        payload = self._codec.encode(msgid, flag, method, args)
         with self._send_lock:
             if self._closed:
                 raise ClientDisconnected("not connected to %s" % self.label)
             held = self._held_frames
-            held.append(data)
-            self._held_bytes += len(data)
+            held += wire.frame_parts(payload)
+            self._held_bytes += 4 + len(payload)
             if hold and self._held_bytes < _HOLD_LIMIT:
                 return
             self._held_frames, self._held_bytes = [], 0
             try:
-                self._sock.sendall(b"".join(held) if len(held) > 1
-                                   else data)
+                if len(held) == 1:
+                    self._sock.sendall(held[0])
+                else:
+                    send_buffers(self._sock, held)
             except OSError as error:
                 self._shutdown()
                 raise ClientDisconnected("connection to %s lost: %s"
