@@ -88,20 +88,54 @@ class FrameReader:
         """Add received bytes; return the list of complete payloads.
 
         Whole frames are cut straight out of `data`, one copy each; only
-        the unfinished frame at its end waits in the buffer.
+        a frame that `data` begins or ends in the middle of passes
+        through the buffer, which then becomes its payload (a bytearray)
+        without another copy.
         """
-        buffer = self._buffer
-        if buffer or self._needed is not None:
-            buffer += data
-            with memoryview(buffer) as view:
-                payloads, used = self._cut(view)
-            del buffer[:used]
-            return payloads
+        payloads = []
         with memoryview(data) as view:
-            payloads, used = self._cut(view)
-            if used < len(view):
-                buffer += view[used:]
+            start = 0
+            if self._buffer or self._needed is not None:
+                start = self._finish_pending(view, payloads)
+                if start is None:
+                    return payloads
+            cut, used = self._cut(view[start:])
+            payloads += cut
+            if start + used < len(view):
+                self._buffer += view[start + used:]
         return payloads
+
+    def _finish_pending(self, view, payloads):
+        """Complete the frame begun in the buffer with the front of `view`;
+        return where the rest of `view` starts, or None if it all went
+        into the buffer."""
+        buffer = self._buffer
+        position = 0
+        if self._needed is None:  # the buffer holds part of a length word
+            position = min(4 - len(buffer), len(view))
+            buffer += view[:position]
+            if len(buffer) < 4:
+                return None
+            self._needed = self._length(buffer, 0)
+            del buffer[:]
+        missing = self._needed - len(buffer)
+        if len(view) - position < missing:
+            buffer += view[position:]
+            return None
+        buffer += view[position:position + missing]
+        payloads.append(buffer)
+        self._buffer = bytearray()
+        self._needed = None
+        return position + missing
+
+    def _length(self, view, start):
+        """The length word at `start`, checked against the limit."""
+        (length,) = _LENGTH.unpack_from(view, start)
+        if length > self.max_frame_size:
+            raise ProtocolError(
+                "frame of %d bytes exceeds the limit of %d bytes"
+                % (length, self.max_frame_size))
+        return length
 
     def _cut(self, view):
         """The complete payloads at the start of `view`, and how many of
@@ -113,12 +147,7 @@ class FrameReader:
             if self._needed is None:
                 if available - start < 4:
                     break
-                (length,) = _LENGTH.unpack_from(view, start)
-                if length > self.max_frame_size:
-                    raise ProtocolError(
-                        "frame of %d bytes exceeds the limit of %d bytes"
-                        % (length, self.max_frame_size))
-                self._needed = length
+                self._needed = self._length(view, start)
                 start += 4
             end = start + self._needed
             if end > available:
