@@ -96,9 +96,15 @@ def commit_blobs(storage, contents):
 
 
 def cached_bytes(directory):
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _dirs, names in os.walk(directory)
-               for name in names if name.endswith(".blob"))
+    total = 0
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            if name.endswith(".blob"):
+                try:
+                    total += os.path.getsize(os.path.join(root, name))
+                except FileNotFoundError:
+                    pass  # trimmed between the listing and now
+    return total
 
 
 def trimming_threads():

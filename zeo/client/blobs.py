@@ -12,10 +12,11 @@ client places in the oid's directory, of which it sends only the name.
 
 Both take an uploaded file at once (`take`): it moves next to where the
 blob will live, so that the application's temporary file is ours from
-then on, and a full disk shows at store time rather than at the end of
-the commit.
+then on (ZODB removes a savepoint's files once the commit is over), and
+a full disk shows at store time rather than at the end of the commit.
 """
 
+import itertools
 import logging
 import os
 
@@ -120,16 +121,25 @@ class CachedBlobs(_Blobs):
     def __init__(self, directory, cache_size, cache_size_check, name):
         self.cache = BlobCache(directory, cache_size, cache_size_check, name)
         _Blobs.__init__(self, self.cache.fshelper)
+        self._uploads = itertools.count()
+        #: Absolute now: ZODB's helper keeps it relative to the working
+        #: directory of the moment, which an application may change.
+        self._temp_dir = os.path.abspath(self.fshelper.temp_dir)
         self.downloads = self.cache.downloads
 
     def take(self, oid, serial, filename):
-        """A file in our temporary directory (where ZODB makes every new
-        blob's) is ours already: it stays there until the commit ends,
-        which saves creating a file per upload.  Others move in."""
-        if os.path.dirname(os.path.abspath(filename)) == os.path.abspath(
-                self.fshelper.temp_dir):
+        """A file in our temporary directory (where ZODB makes a blob's
+        file once it belongs to a connection) is ours already.  Another
+        (a new blob's, in the system's temporary directory; a savepoint's)
+        is renamed into it under a name of our own: creating a file costs
+        more than sending a small blob."""
+        directory = self._temp_dir
+        if os.path.dirname(os.path.abspath(filename)) == directory:
             return filename
-        return _Blobs.take(self, oid, serial, filename)
+        path = os.path.join(directory, "%s-%d-%d.upload" % (
+            oid.hex(), os.getpid(), next(self._uploads)))
+        ZODB.blob.rename_or_copy_blob(filename, path, chmod=False)
+        return path
 
     def load(self, oid, serial, fetch):
         return self.cache.load(oid, serial, fetch)
