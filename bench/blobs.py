@@ -56,14 +56,6 @@ def run_client(spec):
     return json.loads(child.stdout)
 
 
-def status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError("no %s for process %d" % (field, pid))
-
-
 def measure(cell, case, options, scratch):
     """One upload and one download through a fresh server."""
     client, side = cell
@@ -82,9 +74,8 @@ def measure(cell, case, options, scratch):
     problems = []
     try:
         pid = server.process.pid
-        before = status_kib(pid, "VmRSS")
-        with open("/proc/%d/clear_refs" % pid, "w") as clear_refs:
-            clear_refs.write("5")
+        before = server_process.memory_kib(pid, "VmRSS")
+        server_process.reset_peak_memory(pid)
         spec = {"client": client, "port": server.address[1],
                 "count": count, "size": size,
                 "per_transaction": per_transaction}
@@ -92,7 +83,7 @@ def measure(cell, case, options, scratch):
             directory, "upload-cache")))
         down = run_client(dict(spec, mode="download", blob_dir=os.path.join(
             directory, "download-cache")))
-        peak = status_kib(pid, "VmHWM") - before
+        peak = server_process.memory_kib(pid, "VmHWM") - before
         if down["digest"] != up["digest"] or down["bytes"] != count * size:
             problems.append("downloaded %d bytes that differ from the "
                             "upload" % down["bytes"])

@@ -28,6 +28,22 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def memory_kib(pid, field):
+    """A memory figure of process `pid` from /proc/PID/status, in KiB:
+    "VmRSS" (resident now), "VmHWM" (the peak), ..."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def reset_peak_memory(pid):
+    """Make process `pid`'s VmHWM start again from its RSS now."""
+    with open("/proc/%d/clear_refs" % pid, "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def write_config(directory, zeo_options="", storages=None, impl=OURS):
     """Write a server config file; return its path.
 

@@ -26,6 +26,7 @@ from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from conftest import (CLIENT_TIMEOUT, SERVER_IMPL, closing_all,
                       server_environment, wait_until)
 from raw_client import RawClient
+from server_process import memory_kib, reset_peak_memory
 from server_process import start_configured_server, stop_all
 from test_monitor import MONITOR_LINE, parse_report, read_report
 from test_scripts import run_tool
@@ -431,14 +432,6 @@ BIG_BLOB_SIZE = 1024 ** 3
 RSS_BOUND = 32 * 1024 ** 2
 
 
-def memory_kib(pid, field):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
-
-
 def write_big_blob(blob, size):
     """Fill `blob` with `size` pseudo-random bytes, a MiB at a time;
     return their SHA-256."""
@@ -471,6 +464,7 @@ def test_a_1_gb_blob_goes_up_and_down_in_bounded_server_memory(
     reader, reader_txn = open_connection(open_blob_db(server, "cache"))
     assert read_blob(reader.root()["small"]) == b"warm up"
     baseline = memory_kib(pid, "VmRSS") * 1024
+    reset_peak_memory(pid)
 
     writer.root()["big"] = Blob()
     digest = write_big_blob(writer.root()["big"], BIG_BLOB_SIZE)

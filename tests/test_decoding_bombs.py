@@ -32,6 +32,7 @@ from ZODB.utils import p64
 
 from conftest import REPO_ROOT
 from raw_client import ConnectionClosed, RawClient
+from server_process import memory_kib, reset_peak_memory
 from server_process import start_filestorage_server, temporary_directory
 from zeo import wire
 from zeo.ClientStorage import ClientStorage
@@ -90,20 +91,6 @@ LARGE_BOMBS = {
 }
 
 
-def status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError("no %s for process %d" % (field, pid))
-
-
-def reset_peak(pid):
-    """Make VmHWM start again from the current RSS."""
-    with open("/proc/%d/clear_refs" % pid, "w") as clear_refs:
-        clear_refs.write("5")
-
-
 @pytest.fixture(scope="module")
 def server():
     with temporary_directory() as directory:
@@ -141,8 +128,8 @@ def attack(server, protocol, payload, register):
         raw.handshake(protocol)
         if register:
             assert raw.register() is not None
-        before = status_kib(pid, "VmRSS")
-        reset_peak(pid)
+        before = memory_kib(pid, "VmRSS")
+        reset_peak_memory(pid)
         try:
             raw.send_raw_frame(payload)
         except (BrokenPipeError, ConnectionResetError):
@@ -155,7 +142,7 @@ def attack(server, protocol, payload, register):
             assert message.flag == wire.ERROR_REPLY, message
             outcome = message.args
         peer = "%s:%s" % raw.sock.getsockname()[:2]
-    return status_kib(pid, "VmHWM") - before, outcome, peer
+    return memory_kib(pid, "VmHWM") - before, outcome, peer
 
 
 @pytest.mark.parametrize("register", [False, True],
@@ -191,15 +178,15 @@ def test_a_large_frame_before_register_is_refused_unread(server):
     pid = server.process.pid
     with RawClient(server.address) as raw:
         raw.handshake()
-        before = status_kib(pid, "VmRSS")
-        reset_peak(pid)
+        before = memory_kib(pid, "VmRSS")
+        reset_peak_memory(pid)
         try:
             raw.send_raw_bytes(struct.pack(">I", 100 * 1024 * 1024)
                                + b"\0" * UNREGISTERED_MAX_FRAME_SIZE)
         except (BrokenPipeError, ConnectionResetError):
             pass
         assert raw.is_closed(10)
-    assert status_kib(pid, "VmHWM") - before < RSS_BOUND_KIB
+    assert memory_kib(pid, "VmHWM") - before < RSS_BOUND_KIB
     assert "exceeds the limit of %d bytes" % UNREGISTERED_MAX_FRAME_SIZE \
         in server.log
 

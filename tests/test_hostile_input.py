@@ -32,7 +32,8 @@ from ZEO.ClientStorage import ClientStorage
 
 from raw_client import (ConnectionClosed, RawClient, RemoteError,
                         forbidden_global_pickle, ruok)
-from server_process import OURS, start_filestorage_server, temporary_directory
+from server_process import OURS, memory_kib, start_filestorage_server
+from server_process import temporary_directory
 from zeo import wire
 
 IMPL = os.environ.get("ZEO_HOSTILE_IMPL", OURS)
@@ -186,14 +187,6 @@ def record(state):
             + pickle.dumps(state, 3))
 
 
-def server_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
-
-
 # --- framing and decoding ----------------------------------------------------
 
 @pytest.mark.parametrize("payload", [
@@ -226,13 +219,13 @@ def test_garbage_msgpack_frame_closes(fresh, served):
 def test_absurd_frame_length_closes_without_allocating(client, served,
                                                        length):
     pid = served.process.process.pid
-    before = server_rss_kib(pid)
+    before = memory_kib(pid, "VmRSS")
     try:
         client.send_raw_bytes(length.to_bytes(4, "big") + b"\0" * 65536)
     except (BrokenPipeError, ConnectionResetError):
         pass  # closed while we were still sending: fine
     assert_closed(client, served, "frame length %#x" % length)
-    grown = server_rss_kib(pid) - before
+    grown = memory_kib(pid, "VmRSS") - before
     assert grown < 256 * 1024, "server RSS grew by %d KiB" % grown
 
 
