@@ -33,13 +33,13 @@ import ZODB.blob
 import ZODB.interfaces
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.POSException import (
-    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError,
-    Unsupported)
+    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError)
 from ZODB.utils import maxtid, z64
 
 from zeo import wire
 from zeo.Exceptions import ClientDisconnected, ClientStorageError
 from zeo.client.blob_cache import Downloads
+from zeo.client.blob_methods import BlobMethods
 from zeo.client.blobs import open_blobs
 from zeo.client.cache import ClientCache, next_tid
 from zeo.client.cache_file import FileClientCache, cache_file_path
@@ -90,7 +90,7 @@ class _Commit:
 
 @zope.interface.implementer(ZODB.interfaces.IMultiCommitStorage,
                             ZODB.interfaces.IPrefetchStorage)
-class ClientStorage(ConflictResolvingStorage):
+class ClientStorage(BlobMethods, ConflictResolvingStorage):
     """A storage on a ZEO server (see the HOWTO, "Configuring client").
 
     `addr` is `(host, port)`, a Unix socket path, a port number on
@@ -295,78 +295,6 @@ class ClientStorage(ConflictResolvingStorage):
         for oid in oids:
             if self._cache.load_before(oid, tid) is None:
                 connection.load_before(oid, tid, apply=self._loaded(oid))
-
-    # -- IBlobStorage (provided with a blob_dir) ----------------------------
-
-    def loadBlob(self, oid, serial):
-        """The name of a file holding blob `(oid, serial)`."""
-        return self._blob_support().load(oid, serial, self._fetch_blob)
-
-    def openCommittedBlobFile(self, oid, serial, blob=None):
-        """Blob `(oid, serial)` open for reading: a `ZODB.blob.BlobFile`
-        for `blob` if given, else a plain file."""
-        return self._blob_support().open(oid, serial, self._fetch_blob,
-                                         blob)
-
-    def temporaryDirectory(self):
-        """Where ZODB writes new blobs (on the same file system as the
-        blob directory, so that taking them is a rename)."""
-        return self._blob_support().temporary_directory()
-
-    def storeBlob(self, oid, oldserial, data, blobfilename, version, txn):
-        """Store `data` and the blob in the file `blobfilename`, which is
-        ours from now on."""
-        blobs = self._blob_support()
-        self.store(oid, oldserial, data, version, txn)
-        self._upload(blobs, self._commit_for(txn), oid, oldserial, data,
-                     blobfilename)
-
-    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, txn):
-        """Copy a blob record committed elsewhere (`copyTransactionsFrom`).
-
-        The protocol has no blob restore: the record is stored as a
-        blob over the oid's current revision, which gives it the
-        transaction's tid (set by tpc_begin) and the same data.
-        """
-        blobs = self._blob_support()
-        if self.isReadOnly():
-            raise ReadOnlyError()
-        commit = self._commit_for(txn)
-        try:
-            current = self.getTid(oid)
-        except POSKeyError:
-            current = z64
-        commit.stored[oid] = None
-        self._upload(blobs, commit, oid, current, data, blobfilename)
-
-    def _upload(self, blobs, commit, oid, serial, data, blobfilename):
-        path = blobs.take(oid, serial, blobfilename)
-        commit.blobs.append((oid, path))
-        blobs.upload(commit.connection, oid, serial, data, path,
-                     commit.txn_id)
-
-    def _fetch_blob(self, oid, serial):
-        """Download a blob into the cache (only when it is missing there:
-        a cached blob is read even while we are disconnected)."""
-        self._call("sendBlob", oid, serial)
-
-    def _blob_support(self):
-        """The blob directory, if blobs can be used at all."""
-        if self._blobs is None:
-            raise Unsupported("%s has no blob directory (blob_dir)"
-                              % self.getName())
-        if self._server_lacks_blobs():
-            raise Unsupported("the storage %r of the server does not "
-                              "support blobs" % self._storage_name)
-        return self._blobs
-
-    def _server_lacks_blobs(self):
-        """Whether the server said its storage has no blobs (we cannot
-        tell before the first connection)."""
-        interfaces = {tuple(pair) for pair in self._info["interfaces"]}
-        return bool(interfaces) and (
-            ZODB.interfaces.IBlobStorage.__module__,
-            "IBlobStorage") not in interfaces
 
     # -- IStorage: oids -------------------------------------------------------
 

@@ -21,7 +21,6 @@ class BlobCalls:
     `_txn`, `_txn_lock`, `_downloads`, `stats`, `log`, `channel` and
     `current_msgid`)."""
 
-
     def _blob_storage(self):
         storage = self.served.storage
         if not blobs.serves_blobs(storage):
