@@ -104,8 +104,8 @@ def measure_all(options, scratch):
     cases = QUICK_CASES if options.quick else CASES
     results = {case[0]: {cell: [] for cell in CELLS} for case in cases}
     for repetition in range(options.blob_passes):
-        print("blobs, pass %d/%d ..." % (repetition + 1,
-                                          options.blob_passes),
+        print("blobs, pass %d/%d ..."
+              % (repetition + 1, options.blob_passes),
               file=sys.stderr, flush=True)
         order = CELLS if repetition % 2 == 0 else CELLS[::-1]
         for case in cases:
