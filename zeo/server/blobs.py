@@ -156,13 +156,14 @@ class TransactionBlobs:
     `log` (a `TransactionLog`) records `(oid, serial, data, path,
     shared)` for each blob, in arrival order, so that many blobs cost
     disk, not memory.  When the transaction ends every file it names is
-    removed if still there (and its link, see `replay`), and so is an
-    unfinished upload.
+    removed if still there (and its link, if a vote made one: see
+    `replay`), and so is an unfinished upload.
     """
 
     def __init__(self, log):
         self._log = log
         self._upload = None
+        self._linked = False  # a vote gave the storage links, not files
 
     def start_upload(self, directory):
         if self._upload is not None:
@@ -203,6 +204,7 @@ class TransactionBlobs:
             if shared:
                 _check_regular_file(path)
             if keep_files:
+                self._linked = True
                 link = _link_name(path)
                 _remove(link)  # left by an earlier vote that failed
                 os.link(path, link)
@@ -217,7 +219,8 @@ class TransactionBlobs:
             self._upload = None
         for _operation, args in self._log:
             _remove(args[3])
-            _remove(_link_name(args[3]))
+            if self._linked:
+                _remove(_link_name(args[3]))
         self._log.close()
 
 
