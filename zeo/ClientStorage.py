@@ -167,6 +167,9 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
         self._db = None
         self._info = {"length": 0, "size": 0, "supportsUndo": False,
                       "interfaces": ()}
+        #: `(module, name)` of the server storage's interfaces (from
+        #: get_info at each connection; empty before the first).
+        self._server_interfaces = set()
         self._oids = []
         self._oid_lock = threading.Lock()
         self._commit = None
@@ -631,7 +634,8 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
 
     def _connected(self, info, read_only):
         self._info.update(info)
-        provided = {tuple(pair) for pair in info.get("interfaces", ())}
+        provided = self._server_interfaces = {
+            tuple(pair) for pair in info.get("interfaces", ())}
         for interface in OPTIONAL_INTERFACES:
             if (interface.__module__, interface.__name__) in provided:
                 zope.interface.alsoProvides(self, interface)

@@ -13,8 +13,9 @@ from ZODB.utils import z64
 
 class BlobMethods:
     """loadBlob, openCommittedBlobFile, temporaryDirectory, storeBlob and
-    restoreBlob, for a `ClientStorage` (which provides `_blobs`, `_info`,
-    `store`, `getTid`, `_commit_for`, `_call` and the rest of IStorage).
+    restoreBlob, for a `ClientStorage` (which provides `_blobs`,
+    `_server_interfaces`, `store`, `getTid`, `_commit_for`, `_call` and the
+    rest of IStorage).
     """
 
     def loadBlob(self, oid, serial):
@@ -82,7 +83,7 @@ class BlobMethods:
     def _server_lacks_blobs(self):
         """Whether the server said its storage has no blobs (we cannot
         tell before the first connection)."""
-        interfaces = {tuple(pair) for pair in self._info["interfaces"]}
+        interfaces = self._server_interfaces
         return bool(interfaces) and (
             ZODB.interfaces.IBlobStorage.__module__,
             "IBlobStorage") not in interfaces
