@@ -27,6 +27,7 @@ import sys
 import tempfile
 
 import server_process
+from passes import alternating_passes
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "blob_client.py")
@@ -103,11 +104,8 @@ def measure_all(options, scratch):
     """{case label: {cell: [Transfer per pass]}}."""
     cases = QUICK_CASES if options.quick else CASES
     results = {case[0]: {cell: [] for cell in CELLS} for case in cases}
-    for repetition in range(options.blob_passes):
-        print("blobs, pass %d/%d ..."
-              % (repetition + 1, options.blob_passes),
-              file=sys.stderr, flush=True)
-        order = CELLS if repetition % 2 == 0 else CELLS[::-1]
+    for _number, order in alternating_passes(CELLS, options.blob_passes,
+                                             "blobs, "):
         for case in cases:
             for cell in order:
                 results[case[0]][cell].append(

@@ -36,6 +36,7 @@ import tempfile
 from persistent.mapping import PersistentMapping
 
 import server_process
+from passes import alternating_passes
 from raw_client import RawClient, RawServerError
 from storage_template import StorageTemplate
 
@@ -198,11 +199,8 @@ def measure_all(options, scratch, client_kind):
     template = CacheTemplate(os.path.join(scratch, "cache-template"),
                              options.cache_objects)
     results = {side: [] for side in SIDES}
-    for repetition in range(options.restarts):
-        print("persistent cache, pass %d/%d ..."
-              % (repetition + 1, options.restarts),
-              file=sys.stderr, flush=True)
-        order = SIDES if repetition % 2 == 0 else SIDES[::-1]
+    for repetition, order in alternating_passes(SIDES, options.restarts,
+                                                "persistent cache, "):
         for side in order:
             results[side].append(measure(
                 side, client_kind(side, options), template, options,

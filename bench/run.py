@@ -45,6 +45,7 @@ sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import blobs  # noqa: E402
 import persistent_cache  # noqa: E402
+from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
 from storage_template import StorageTemplate  # noqa: E402
@@ -400,10 +401,8 @@ def run_throughput_and_cache(options, scratch):
     try:
         template = StorageTemplate(
             scratch, map(object_record, range(options.objects)))
-        for repetition in range(options.repetitions):
-            order = CELLS if repetition % 2 == 0 else CELLS[::-1]
-            print("pass %d/%d ..." % (repetition + 1, options.repetitions),
-                  file=sys.stderr, flush=True)
+        for _number, order in alternating_passes(CELLS,
+                                                 options.repetitions):
             for group in GROUPS:
                 for cell in order:
                     results[group][cell].append(
