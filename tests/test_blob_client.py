@@ -7,6 +7,7 @@ FileStorage with a blob directory, for each implementation in
 `BLOB_SERVER_IMPLS`.
 """
 
+import contextlib
 import os
 import stat
 
@@ -94,48 +95,44 @@ def clients(blob_server, mode, tmp_path):
     made.close()
 
 
+@contextlib.contextmanager
+def opened_root(database):
+    """The root of a new connection with a transaction manager of its
+    own, and that manager; the connection is closed afterwards."""
+    manager = transaction.TransactionManager()
+    connection = database.open(manager)
+    try:
+        yield connection.root(), manager
+    finally:
+        connection.close()
+
+
 def commit_blob(database, key, data):
     """Store a new Blob holding `data` under root[key]; return the
     transaction's tid."""
-    manager = transaction.TransactionManager()
-    connection = database.open(manager)
-    try:
-        connection.root()[key] = ZODB.blob.Blob(data)
+    with opened_root(database) as (root, manager):
+        root[key] = ZODB.blob.Blob(data)
         manager.commit()
-        return database.lastTransaction()
-    finally:
-        connection.close()
+    return database.lastTransaction()
 
 
 def update_blob(database, key, data):
-    manager = transaction.TransactionManager()
-    connection = database.open(manager)
-    try:
-        with connection.root()[key].open("w") as file:
+    with opened_root(database) as (root, manager):
+        with root[key].open("w") as file:
             file.write(data)
         manager.commit()
-        return database.lastTransaction()
-    finally:
-        connection.close()
+    return database.lastTransaction()
 
 
 def read_blob(database, key):
-    manager = transaction.TransactionManager()
-    connection = database.open(manager)
-    try:
-        with connection.root()[key].open() as file:
+    with opened_root(database) as (root, _manager):
+        with root[key].open() as file:
             return file.read()
-    finally:
-        connection.close()
 
 
 def blob_oid(database, key):
-    manager = transaction.TransactionManager()
-    connection = database.open(manager)
-    try:
-        return connection.root()[key]._p_oid
-    finally:
-        connection.close()
+    with opened_root(database) as (root, _manager):
+        return root[key]._p_oid
 
 
 def test_commit_then_read_from_a_client_with_a_fresh_cache(clients):
