@@ -44,9 +44,12 @@ setup(
             # test_console_scripts builds the project without build
             # isolation (offline), which needs bdist_wheel.
             "wheel",
+            "prometheus-client",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.
         "daemon": ["zdaemon"],
+        # metrics-address: a Prometheus endpoint.
+        "metrics": ["prometheus-client"],
     },
 )

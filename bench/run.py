@@ -44,6 +44,7 @@ REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import blobs  # noqa: E402
+import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
@@ -124,6 +125,9 @@ def parse_arguments(argv):
     parser.add_argument(
         "--blobs-only", action="store_true",
         help="run the blob measurements only")
+    parser.add_argument(
+        "--metrics-only", action="store_true",
+        help="run the metrics-scraping measurements only")
     options = parser.parse_args(argv)
     if options.blob_passes is None:
         options.blob_passes = 1 if options.quick else 5
@@ -378,19 +382,37 @@ def run(options):
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     started = time.monotonic()
     status = 0
+    blob_results = None
     try:
-        if not options.blobs_only:
+        if not (options.blobs_only or options.metrics_only):
             status = run_throughput_and_cache(options, scratch)
-        blob_results = blobs.measure_all(options, scratch)
+        if not options.blobs_only and run_metrics_scraping(options,
+                                                           scratch):
+            status = 1
+        if not options.metrics_only:
+            blob_results = blobs.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print()
-    blobs.print_report(blob_results, options)
+    if blob_results is not None:
+        print()
+        blobs.print_report(blob_results, options)
+        if blobs.report_problems(blob_results):
+            status = 1
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
-    if blobs.report_problems(blob_results):
-        status = 1
     return status
+
+
+def run_metrics_scraping(options, scratch):
+    """The metrics-scraping section; True if it found problems."""
+    pool = WorkerPool(CONCURRENCY)
+    try:
+        results = metrics_scrape.measure_all(options, pool, CONCURRENCY,
+                                             scratch)
+    finally:
+        pool.close()
+    print()
+    return metrics_scrape.print_report(results, CONCURRENCY)
 
 
 def run_throughput_and_cache(options, scratch):

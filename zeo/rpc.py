@@ -52,6 +52,8 @@ class Outbox:
         self._room_waiters = 0
         self._frames = collections.deque()
         self._pending = 0
+        #: Bytes ever queued (for the metrics), counted under our lock.
+        self.queued_bytes = 0
         #: Bytes taken from the queue by whoever drains it and not yet
         #: handed to the kernel.
         self._in_flight = 0
@@ -90,6 +92,7 @@ class Outbox:
                 overflowed = False
                 self._frames.append(data)
                 self._pending += len(data)
+                self.queued_bytes += len(data)
                 if wake_writer and not self._draining:
                     self._wakeup.notify()
         if overflowed:

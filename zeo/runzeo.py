@@ -32,6 +32,7 @@ from zeo import wire
 from zeo.command_line import (
     DISTRIBUTION, add_version_option, distribution_version, program_name)
 from zeo.server import StorageServer, busy_poll
+from zeo.server.metrics import import_prometheus_client
 
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
@@ -148,6 +149,9 @@ class ServerOptions:
     invalidation_age: typing.Optional[float] = None
     transaction_timeout: typing.Optional[float] = None
     monitor_address: typing.Union[str, tuple, None] = None
+    metrics_address: typing.Optional[tuple] = None
+    slow_transaction_threshold: typing.Optional[float] = None
+    slow_load_threshold: typing.Optional[float] = None
     pid_filename: typing.Optional[str] = None
     client_conflict_resolution: bool = False
     msgpack: bool = False
@@ -225,6 +229,10 @@ def build_argument_parser():
         type=_argument_type(parse_address),
         help="also serve a plain-text statistics report at ADDR")
     parser.add_argument(
+        "--metrics-address", metavar="HOST:PORT",
+        type=_argument_type(parse_address),
+        help="also answer Prometheus scrapes (GET /metrics) at HOST:PORT")
+    parser.add_argument(
         "--busy-poll", metavar="MICROSECONDS",
         type=_argument_type(_whole_number),
         help="how long a connection polls for its client's next message "
@@ -291,6 +299,14 @@ def _address_or_error(parsed, what):
         raise ConfigurationError("%s: %s" % (what, error)) from None
 
 
+def _tcp_address_or_error(parsed, what):
+    address = _address_or_error(parsed, what)
+    if isinstance(address, str):
+        raise ConfigurationError("%s must be HOST:PORT, not a Unix socket "
+                                 "path" % what)
+    return address
+
+
 def _options_from_config(config):
     section = config.zeo
     msgpack = section.msgpack
@@ -300,6 +316,10 @@ def _options_from_config(config):
     if section.monitor_address is not None:
         monitor_address = _address_or_error(
             section.monitor_address, "monitor-address")
+    metrics_address = None
+    if section.metrics_address is not None:
+        metrics_address = _tcp_address_or_error(
+            section.metrics_address, "metrics-address")
     return ServerOptions(
         address=_address_or_error(section.address, "address"),
         storages=_named_storages(list(config.storages)),
@@ -308,6 +328,9 @@ def _options_from_config(config):
         invalidation_age=section.invalidation_age,
         transaction_timeout=section.transaction_timeout,
         monitor_address=monitor_address,
+        metrics_address=metrics_address,
+        slow_transaction_threshold=section.slow_transaction_threshold,
+        slow_load_threshold=section.slow_load_threshold,
         pid_filename=section.pid_filename,
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
@@ -349,6 +372,11 @@ def parse_options(argv=None):
         options.invalidation_queue_size = arguments.invalidation_queue_size
     if arguments.monitor_address is not None:
         options.monitor_address = arguments.monitor_address
+    if arguments.metrics_address is not None:
+        if isinstance(arguments.metrics_address, str):
+            raise ConfigurationError("--metrics-address must be HOST:PORT, "
+                                     "not a Unix socket path")
+        options.metrics_address = arguments.metrics_address
     if arguments.pid_file is not None:
         options.pid_filename = arguments.pid_file
     if arguments.busy_poll is not None:
@@ -367,6 +395,17 @@ def _check_values(options):
             "transaction-timeout must be more than 0 seconds")
     if options.invalidation_age is not None and options.invalidation_age < 0:
         raise ConfigurationError("invalidation-age cannot be negative")
+    for key, value in (
+            ("slow-transaction-threshold",
+             options.slow_transaction_threshold),
+            ("slow-load-threshold", options.slow_load_threshold)):
+        if value is not None and value < 0:
+            raise ConfigurationError("%s cannot be negative" % key)
+    if options.metrics_address is not None:
+        try:
+            import_prometheus_client()
+        except ImportError as error:
+            raise ConfigurationError(str(error)) from None
     if options.busy_poll_microseconds < 0:
         raise ConfigurationError("busy-poll cannot be negative")
     if options.msgpack and not wire.msgpack_available():
@@ -574,6 +613,10 @@ class ServerRunner:
                     options.client_conflict_resolution),
                 msgpack=options.msgpack,
                 monitor_address=options.monitor_address,
+                metrics_address=options.metrics_address,
+                slow_transaction_threshold=(
+                    options.slow_transaction_threshold),
+                slow_load_threshold=options.slow_load_threshold,
                 busy_poll=options.busy_poll_microseconds * 1e-6)
         except OSError as error:
             raise ConfigurationError(
@@ -585,6 +628,9 @@ class ServerRunner:
         if self.options.monitor_address is not None:
             text += " (monitor %s)" % format_address(
                 self.options.monitor_address)
+        if self.options.metrics_address is not None:
+            text += " (metrics %s)" % format_address(
+                self.options.metrics_address)
         return text
 
     def _write_pid_file(self):

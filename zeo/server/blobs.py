@@ -164,6 +164,17 @@ class TransactionBlobs:
         self._log = log
         self._upload = None
         self._linked = False  # a vote gave the storage links, not files
+        self._uploaded = 0  # bytes of the uploaded blob files
+
+    @property
+    def count(self):
+        """Blobs recorded."""
+        return self._log.count
+
+    @property
+    def size(self):
+        """Bytes recorded: the blobs' records and uploaded files."""
+        return self._log.size + self._uploaded
 
     def start_upload(self, directory):
         if self._upload is not None:
@@ -186,6 +197,7 @@ class TransactionBlobs:
         self._upload = None
         upload.close()
         self._log.append("blob", oid, serial, data, upload.path, False)
+        self._uploaded += upload.size
         return upload.size
 
     def add_shared(self, oid, serial, data, path):

@@ -88,6 +88,8 @@ class Buffering:
         self.blobs = TransactionBlobs(TransactionLog())
         self.voting = False  # parked for the commit lock or voting
         self.refused = None  # why this transaction can never commit
+        #: Its phases' times (`CommitTimes`), from the vote on.
+        self.times = None
 
     def record(self, operation, *args):
         if self.voting:
@@ -134,6 +136,7 @@ class Buffering:
                         changed.extend(oids)
                         if operation == "undo":
                             resolved_or_undone.extend(oids)
+                self.times.mark("stored")
                 if not conflicts:
                     resolved = self._storage_vote(
                         storage, conflicts, conflict_resolution_by_client)
@@ -161,6 +164,13 @@ class Buffering:
     def abort(self, served):
         self.close()
 
+    @property
+    def size(self):
+        """`(records, bytes)` buffered: data records (their bytes with
+        their oids and serials) and blobs (with their files' bytes)."""
+        return (self.log.count + self.blobs.count,
+                self.log.size + self.blobs.size)
+
     def close(self):
         self.log.close()
         self.blobs.close()
@@ -174,6 +184,8 @@ class Voted:
     def __init__(self, buffering, changed, resolved, undone):
         self.txn_id = buffering.txn_id
         self.metadata = buffering.metadata
+        self.times = buffering.times
+        self.size = buffering.size
         self._buffering = buffering
         self.changed = changed
         self.resolved = resolved

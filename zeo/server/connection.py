@@ -52,6 +52,8 @@ class ServerConnection:
         #: Whether the last message was a call we answered (busy polling
         #: waits for the next message only then).
         self._replied = True
+        #: Bytes received (only this connection's thread adds to it).
+        self.bytes_received = 0
 
     # -- the channel interface used by the session ----------------------------
 
@@ -171,6 +173,7 @@ class ServerConnection:
                                                 self._replied)
             if not received:
                 return None
+            self.bytes_received += received
             payloads = reader.feed(buffer[:received])
             if payloads:
                 return payloads

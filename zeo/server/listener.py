@@ -34,6 +34,8 @@ class _ConnectionTracking:
         self.zeo_server = server
         self._live = {}  # ServerConnection -> Thread
         self._live_lock = threading.Lock()
+        #: Bytes received and queued to send by connections that ended.
+        self._ended_traffic = [0, 0]
 
     def process_request(self, request, client_address):
         if isinstance(request, socket.socket) and \
@@ -53,6 +55,17 @@ class _ConnectionTracking:
         finally:
             with self._live_lock:
                 self._live.pop(connection, None)
+                self._ended_traffic[0] += connection.bytes_received
+                self._ended_traffic[1] += connection.outbox.queued_bytes
+
+    def traffic(self):
+        """`(bytes received, bytes queued to send, open connections)`
+        since the listener started."""
+        with self._live_lock:
+            live = list(self._live)
+            received, sent = self._ended_traffic
+        return (received + sum(c.bytes_received for c in live),
+                sent + sum(c.outbox.queued_bytes for c in live), len(live))
 
     def close_connections(self, timeout=10):
         """Close every live connection and wait for its thread to end."""

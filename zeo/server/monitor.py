@@ -55,6 +55,11 @@ def report(server, now=None):
     for name in sorted(server.storages):
         lines += storage_block(server.storages[name], watchdog, now)
         lines.append("")
+    slow = server.slow_log.recent()
+    if slow:
+        lines += ["Slow operations: the last %d" % len(slow)]
+        lines += ["Slow: %s" % line for line in slow]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -34,10 +34,10 @@ def run_handoffs(granted):
         granted = granted()
 
 
-def hand_off_then_send(granted, served, informed):
+def hand_off_then_send(granted, served, informed, times):
     """What a commit leaves to do once its reply is queued: hand the lock
     on, then send the invalidations queued on the `informed` sessions of
-    `served`.
+    `served` (marked in the commit's `times`).
 
     In that order because the next voter waits for the lock, and only for
     it: with several clients committing, sending every invalidation first
@@ -49,5 +49,7 @@ def hand_off_then_send(granted, served, informed):
         try:
             run_handoffs(granted)
         finally:  # nobody else would send them before the next reply
+            times.mark("sending")
             served.send_queued(informed)
+            times.mark("sent")
     return after

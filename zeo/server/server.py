@@ -8,6 +8,7 @@ from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
 from zeo.server.listener import format_address, make_listener
+from zeo.server.slow_log import SlowLog
 from zeo.server.storage import ServedStorage
 
 logger = logging.getLogger("zeo.server")
@@ -27,7 +28,8 @@ class StorageServer:
                  msgpack=None, monitor_address=None,
                  outbox_limit=DEFAULT_OUTBOX_LIMIT,
                  max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE,
-                 busy_poll=DEFAULT_WINDOW):
+                 busy_poll=DEFAULT_WINDOW, metrics_address=None,
+                 slow_transaction_threshold=None, slow_load_threshold=None):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -40,6 +42,8 @@ class StorageServer:
         self.max_frame_size = max_frame_size
         self.busy_polling = BusyPolling(busy_poll)
         self.transaction_timeout = transaction_timeout
+        self.slow_log = SlowLog(slow_transaction_threshold,
+                                slow_load_threshold)
         self.storages = {}
         for name, storage in storages.items():
             served = ServedStorage(
@@ -66,6 +70,10 @@ class StorageServer:
         if monitor_address is not None:
             from zeo.server.monitor import MonitorServer
             self.monitor = MonitorServer(monitor_address, self)
+        self.metrics = None
+        if metrics_address is not None:
+            from zeo.server.metrics import MetricsServer
+            self.metrics = MetricsServer(metrics_address, self)
         logger.info("storages %s", ", ".join(
             "%s (%s%s)" % (name, served.storage.getName(),
                            ", read-only" if served.read_only else "")
@@ -84,6 +92,8 @@ class StorageServer:
             self._watchdog.start()
         if self.monitor is not None:
             self.monitor.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self._accepting = threading.Thread(
             target=self._listener.serve_forever, kwargs={"poll_interval": 0.2},
             name="zeo-accept-%s" % format_address(self.address), daemon=True)
@@ -104,6 +114,10 @@ class StorageServer:
         status = self.watchdog_status()
         return {name: served.status(status)
                 for name, served in self.storages.items()}
+
+    def traffic(self):
+        """`(bytes received, bytes queued to send, open connections)`."""
+        return self._listener.traffic()
 
     def start_worker(self, name, function):
         """Run slow work (pack) in a named thread that close() joins."""
@@ -129,6 +143,8 @@ class StorageServer:
             self._listener.server_close()
             if self.monitor is not None:
                 self.monitor.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self._listener.close_connections()
             if self._watchdog is not None:
                 self._watchdog.stop()

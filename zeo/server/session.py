@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 
 import zope.interface
 from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
@@ -23,6 +24,7 @@ from zeo.server.blob_calls import BlobCalls
 from zeo.server.commit import Buffering, Voted
 from zeo.server.outcome import (DEFERRED, Reply, hand_off_then_send,
                                 run_handoffs)
+from zeo.server.timing import CommitTimes
 from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class Session(BlobCalls):
         #: them (loads and finishes run there), so they need no lock.
         self.loads = 0
         self.commits = 0
+        self._slow_load_threshold = server.slow_log.load_threshold
 
     # -- dispatch -------------------------------------------------------
 
@@ -163,8 +166,20 @@ class Session(BlobCalls):
     # -- reads ------------------------------------------------------------
 
     def loadBefore(self, oid, tid):
-        served = self.served
         self.loads += 1
+        threshold = self._slow_load_threshold
+        if threshold is None:
+            return self._load_before(oid, tid)
+        started = time.monotonic()
+        result = self._load_before(oid, tid)
+        took = time.monotonic() - started
+        if took >= threshold:
+            self.server.slow_log.load(self, oid, took,
+                                      len(result[0]) if result else 0)
+        return result
+
+    def _load_before(self, oid, tid):
+        served = self.served
         if served.serialized:
             with served.access:
                 result = served.storage.loadBefore(oid, tid)
@@ -291,6 +306,7 @@ class Session(BlobCalls):
                     "Already voting (%s)"
                     % ("locked" if holder else "waiting"))
             txn.voting = True
+            txn.times = CommitTimes()
             granted = functools.partial(self._vote_when_granted, txn,
                                         self.current_msgid)
             if not self.served.commit_lock.acquire_or_park(self, granted):
@@ -310,6 +326,7 @@ class Session(BlobCalls):
 
     def _vote_holding_lock(self, txn):
         served = self.served
+        txn.times.mark("granted")
         try:
             outcome = txn.vote(served, served.client_conflict_resolution)
         except Exception as error:
@@ -318,7 +335,8 @@ class Session(BlobCalls):
                 served.stats.add("conflicts")
             self.log_error("vote", error)
             return Reply(error=error,
-                         after=served.commit_lock.release(self))
+                         after=self._release_commit_lock(txn, "vote failed"))
+        txn.times.mark("voted")
         if isinstance(outcome, Voted):
             self._txn = outcome
             if outcome.resolved:
@@ -327,7 +345,17 @@ class Session(BlobCalls):
         # Conflicts for the client to resolve: it will store again and vote.
         txn.voting = False
         served.stats.add("conflicts")
-        return Reply(outcome, after=served.commit_lock.release(self))
+        return Reply(outcome, after=self._release_commit_lock(
+            txn, "conflicts for the client"))
+
+    def _release_commit_lock(self, txn, outcome):
+        """Release the commit lock that `txn` holds (the transaction lock
+        held), log it if it was slow, and return the hand-off."""
+        granted = self.served.commit_lock.release(self)
+        txn.times.mark("released")
+        self.server.slow_log.transaction_ended(self, txn.times, *txn.size,
+                                               outcome)
+        return granted
 
     def tpc_finish(self, txn_id):
         with self._txn_lock:
@@ -338,6 +366,7 @@ class Session(BlobCalls):
                 raise AssertionError("finished called wo lock")
             self._txn = None
             self.stats.add("active_txns", -1)
+            txn.times.mark("finish_called")
             informed = ()
             try:
                 tid, informed = txn.finish(self.served, self)
@@ -345,8 +374,8 @@ class Session(BlobCalls):
             except Exception as error:
                 self.log_error("tpc_finish", error)
                 outcome = Reply(error=error)
-            outcome.after = hand_off_then_send(
-                self.served.commit_lock.release(self), self.served, informed)
+            txn.times.mark("finished")
+            outcome.after = self._after_commit(txn, informed, outcome)
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.
@@ -354,6 +383,23 @@ class Session(BlobCalls):
                               wake_writer=False)
             self.log("committed %s", outcome.value.hex(), level=logging.DEBUG)
         return outcome
+
+    def _after_commit(self, txn, informed, outcome):
+        """Release the commit lock; return what runs once the reply is
+        queued: the hand-off, the invalidations, then the slow log (which
+        then knows how long the invalidations took)."""
+        granted = self.served.commit_lock.release(self)
+        txn.times.mark("released")
+        send = hand_off_then_send(granted, self.served, informed, txn.times)
+
+        def after():
+            try:
+                send()
+            finally:
+                self.server.slow_log.transaction_ended(
+                    self, txn.times, *txn.size,
+                    "committed" if outcome.error is None else "failed")
+        return after
 
     def tpc_abort(self, txn_id):
         with self._txn_lock:
@@ -369,13 +415,16 @@ class Session(BlobCalls):
         Called with the transaction lock held; returns the lock hand-off.
         The lock is released even if the storage fails to abort.
         """
+        txn = self._txn
         try:
-            self._txn.abort(self.served)
+            txn.abort(self.served)
         except Exception:
             self.log("tpc_abort failed", level=logging.ERROR, exc_info=True)
         self._discard_transaction()
         self.stats.add("aborts")
-        return self.served.commit_lock.release(self)
+        if txn.times is None:  # it never voted: no lock to release
+            return self.served.commit_lock.release(self)
+        return self._release_commit_lock(txn, "aborted")
 
     def _discard_transaction(self):
         if self._txn is not None:

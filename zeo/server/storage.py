@@ -24,6 +24,7 @@ import ZODB.utils
 from ZODB.POSException import ConflictError
 
 from zeo.server import blobs
+from zeo.server.timing import TimeHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,20 @@ class CommitLock:
     blocking its thread: the connection goes on serving loads.  Whoever
     releases the lock gets the next voter's callback back and runs it after
     leaving every lock, so a slow vote never runs under our mutex.
+
+    How long voters waited for the lock and how long they held it are
+    counted in `wait_times` and `hold_times`, under our mutex.
     """
 
     def __init__(self):
         self._mutex = threading.Lock()
         self.holder = None
         self.acquired_at = None
-        self._waiting = collections.OrderedDict()  # session -> callback
+        self._granted = None  # time.monotonic() of the grant
+        self._waiting = collections.OrderedDict()  # session -> (callback,
+        #                                             asked at)
+        self.wait_times = TimeHistogram()
+        self.hold_times = TimeHistogram()
 
     @property
     def waiting(self):
@@ -87,11 +95,12 @@ class CommitLock:
 
     def acquire_or_park(self, session, on_granted):
         """Take the lock now (True) or park `on_granted` for later (False)."""
+        asked = time.monotonic()
         with self._mutex:
             if self.holder is None:
-                self._grant(session)
+                self._grant(session, asked)
                 return True
-            self._waiting[session] = on_granted
+            self._waiting[session] = (on_granted, asked)
             return False
 
     def release(self, session):
@@ -104,11 +113,13 @@ class CommitLock:
             if self.holder is not session:
                 self._waiting.pop(session, None)
                 return None
-            self.holder = self.acquired_at = None
+            self.hold_times.observe(time.monotonic() - self._granted)
+            self.holder = self.acquired_at = self._granted = None
             if not self._waiting:
                 return None
-            next_session, on_granted = self._waiting.popitem(last=False)
-            self._grant(next_session)
+            next_session, (on_granted, asked) = self._waiting.popitem(
+                last=False)
+            self._grant(next_session, asked)
             return on_granted
 
     def held(self):
@@ -116,9 +127,11 @@ class CommitLock:
         with self._mutex:
             return self.holder, self.acquired_at
 
-    def _grant(self, session):
+    def _grant(self, session, asked):
         self.holder = session
         self.acquired_at = time.time()
+        self._granted = time.monotonic()
+        self.wait_times.observe(self._granted - asked)
 
 
 def never_resolve(oid, committed_serial, old_serial, new_pickle,
@@ -205,6 +218,14 @@ class ServedStorage:
             return self._loads_of_gone_sessions + sum(
                 session.loads for session in self.sessions)
 
+    def loads_without_waiting(self):
+        """`loads()` for a metrics scrape, which must not take the
+        publication lock.  While a session leaves, this may miss its
+        loads for a moment (it is out of the list, its loads not yet
+        added): the caller keeps the counter from going back."""
+        return self._loads_of_gone_sessions + sum(
+            session.loads for session in list(self.sessions))
+
     def last_transaction(self):
         return self.storage.lastTransaction() or z64
 
@@ -256,6 +277,18 @@ class ServedStorage:
             self._publish(tid, oids, sessions)
         self.send_queued(sessions)
         self._size_info = None
+
+    @property
+    def invalidation_queue_length(self):
+        return len(self._invalidations)
+
+    def newest_queued_transaction(self):
+        """The last transaction published, read without a lock (for a
+        metrics scrape); None if the queue is being refilled."""
+        try:
+            return self._invalidations[-1][0]
+        except IndexError:
+            return None
 
     def get_invalidations(self, tid):
         """`(latest_tid, oids)` committed after `tid`, or None if unknown."""
