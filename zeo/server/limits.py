@@ -11,7 +11,6 @@ refusal with the peer's address without letting a flood of them flood the
 log.
 """
 
-import collections
 import dataclasses
 import logging
 import threading
@@ -144,11 +143,10 @@ class RegisterDeadlines:
     ends, so the thread holds nothing for connections that are gone.
     """
 
-    def __init__(self, timeout, on_expired, clock=time.monotonic):
+    def __init__(self, timeout, on_expired):
         self._timeout = timeout
         self._on_expired = on_expired
-        self._clock = clock
-        self._pending = collections.OrderedDict()  # connection -> deadline
+        self._pending = {}  # connection -> deadline, in insertion order
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(
@@ -161,7 +159,7 @@ class RegisterDeadlines:
         with self._condition:
             if self._stopping:
                 return
-            self._pending[connection] = self._clock() + self._timeout
+            self._pending[connection] = time.monotonic() + self._timeout
             if len(self._pending) == 1:
                 self._condition.notify()
 
@@ -193,7 +191,7 @@ class RegisterDeadlines:
                 self._condition.wait()
                 continue
             connection, deadline = next(iter(self._pending.items()))
-            remaining = deadline - self._clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 del self._pending[connection]
                 return connection
@@ -214,9 +212,14 @@ class ConnectionGuard:
         self.refusals = RefusalLog()
         self._deadlines = RegisterDeadlines(limits.register_timeout,
                                             self._register_timed_out)
-        #: A connection begins (`watch`), and registers or ends (`forget`).
-        self.watch = self._deadlines.watch
-        self.forget = self._deadlines.forget
+
+    def watch(self, connection):
+        """`connection` has begun: it must register in time."""
+        self._deadlines.watch(connection)
+
+    def forget(self, connection):
+        """`connection` has registered, or ended."""
+        self._deadlines.forget(connection)
 
     def start(self):
         self._deadlines.start()
