@@ -391,10 +391,13 @@ def test_frames_up_to_max_frame_size_pass_after_register(frame_limited):
     assert zeo_client.read() == large
 
 
-def test_blob_uploads_pass_the_smallest_max_frame_size(tmp, servers,
-                                                       established):
-    """Blob chunks are 59000 bytes: uploads work with any allowed limit."""
-    server = servers("max-frame-size 64KB", tmp, blobs=True)
+@pytest.mark.parametrize("zeo_option", ["", "max-frame-size 64KB"],
+                         ids=["default", "smallest"])
+def test_blob_uploads_pass_max_frame_size(tmp, servers, established,
+                                          zeo_option):
+    """Blob chunks are 59000 bytes: uploads work with the default limit
+    and with the smallest one allowed."""
+    server = servers(zeo_option, tmp, blobs=True)
     blob_dir = os.path.join(tmp, "client-blobs")
     zeo_client = established(server.address, blob_dir=blob_dir)
     data = os.urandom(1024 * 1024 + 7)
