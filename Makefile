@@ -18,7 +18,7 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	mkdir -p var
-	$(PY) -m zeo.runzeo -C conf/zeo.conf
+	$(VENV)/bin/zeo-runzeo -C conf/zeo.conf
 
 test: $(STAMP)
 	$(PY) -m pytest tests

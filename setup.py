@@ -1,5 +1,17 @@
 from setuptools import find_packages, setup
 
+#: Console scripts: zeo.command_line.COMMANDS names each one's module.
+#: (setup.py cannot import the package it installs, so they are listed
+#: here too; a test checks that the two lists agree.)
+CONSOLE_SCRIPTS = [
+    "zeo-runzeo = zeo.runzeo:main",
+    "zeo-pack = zeo.scripts.zeopack:main",
+    "zeo-up = zeo.scripts.zeoup:main",
+    "zeo-ctl = zeo.zeoctl:main",
+    "zeo-cache-stats = zeo.scripts.cache_stats:main",
+    "zeo-cache-simul = zeo.scripts.cache_simul:main",
+]
+
 with open("README.rst", encoding="utf-8") as readme:
     long_description = readme.read()
 
@@ -19,6 +31,7 @@ setup(
         "persistent",
         "transaction",
     ],
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require={
         "test": [
             "pytest",
@@ -28,6 +41,9 @@ setup(
             "msgpack",
             "zdaemon",
             "zope.testing",
+            # test_console_scripts builds the project without build
+            # isolation (offline), which needs bdist_wheel.
+            "wheel",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.

@@ -6,6 +6,11 @@ direction, with an empty blob cache, so that a download really crosses
 the socket.  Two modes, with ``ClientStorage(address, blob_dir=DIR)`` of
 the client kind named in the spec (ours or ZEO's):
 
+The client kind ``local`` opens a FileStorage with a blob directory in
+this process instead: no server, no network, no copy of the bytes.  Any
+client and server pair does that same work and more, so its times are the
+floor of every pair's.
+
 * ``upload``: write `count` blobs of `size` bytes and commit them, at most
   `per_transaction` to a transaction, under root["blobs"]; the clock runs
   from the first write to the last commit.
@@ -24,6 +29,7 @@ import time
 import transaction
 import ZODB
 import ZODB.blob
+import ZODB.FileStorage
 from persistent.list import PersistentList
 
 CLIENT_MODULES = {"ours": "zeo.ClientStorage", "ZEO": "ZEO.ClientStorage"}
@@ -33,6 +39,9 @@ _PATTERN = hashlib.shake_256(b"zeo blob bench").digest(CHUNK)
 
 
 def open_db(spec):
+    if spec["client"] == "local":
+        return ZODB.DB(ZODB.FileStorage.FileStorage(
+            spec["path"], blob_dir=spec["storage_blob_dir"]))
     module = importlib.import_module(CLIENT_MODULES[spec["client"]])
     storage = module.ClientStorage(
         ("127.0.0.1", spec["port"]), blob_dir=spec["blob_dir"],

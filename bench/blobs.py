@@ -1,11 +1,17 @@
 """Blob transfer: upload and download throughput, and the server's memory.
 
 GitHub issue 6 asks how fast blobs cross each server and each pair, and
-what a big blob costs the server in memory.  Three cells:
+what a big blob costs the server in memory.  Four cells:
 
 * the real ZEO client on our server and on the ZEO server (servers);
 * our client on our server against the ZEO client on the ZEO server
-  (pairs).
+  (pairs);
+* the same client script on a local FileStorage, in its own process
+  (the floor).  A pair does all the floor's work (the application's
+  writes and reads, the FileStorage commit) and more: it also reads each
+  blob file, sends it through a socket and writes a second copy on the
+  other side.  So no pair can beat the floor, and floor / ZEO's pair is
+  the highest pair ratio this machine allows, printed as "bound".
 
 Two cases: 1,000 blobs of 100 KB (100 to a transaction) and one blob of
 200 MB.  Each measurement starts a server with a fresh FileStorage and
@@ -36,10 +42,13 @@ CASES = [("1000 blobs of 100 KB", 1000, 100 * 1000, 100),
          ("1 blob of 200 MB", 1, 200 * 1000 * 1000, 1)]
 QUICK_CASES = [("100 blobs of 100 KB", 100, 100 * 1000, 100),
                ("1 blob of 20 MB", 1, 20 * 1000 * 1000, 1)]
-#: (client, server): the ZEO client on both servers, and the two pairs.
-CELLS = [("ZEO", "ours"), ("ZEO", "ZEO"), ("ours", "ours")]
+LOCAL = "local"
+#: (client, server): the ZEO client on both servers, the two pairs and the
+#: floor.
+CELLS = [("ZEO", "ours"), ("ZEO", "ZEO"), ("ours", "ours"), (LOCAL, None)]
 COMPARISONS = [("ZEO client", ("ZEO", "ours"), ("ZEO", "ZEO")),
-               ("pairs", ("ours", "ours"), ("ZEO", "ZEO"))]
+               ("pairs", ("ours", "ours"), ("ZEO", "ZEO")),
+               ("floor", (LOCAL, None), ("ZEO", "ZEO"))]
 CHILD_TIMEOUT = 600
 
 Transfer = collections.namedtuple(
@@ -58,46 +67,66 @@ def run_client(spec):
 
 
 def measure(cell, case, options, scratch):
-    """One upload and one download through a fresh server."""
+    """One upload and one download through a fresh server (or a fresh
+    local FileStorage, for the floor)."""
     client, side = cell
     _label, count, size, per_transaction = case
     os.sync()  # the last measurement's dirty pages are not ours to write
     directory = tempfile.mkdtemp(dir=scratch)
+    spec = {"client": client, "count": count, "size": size,
+            "per_transaction": per_transaction}
+    try:
+        if client == LOCAL:
+            return transfer(dict(
+                spec, path=os.path.join(directory, "Data.fs"),
+                storage_blob_dir=os.path.join(directory, "blobs")),
+                directory)
+        return measure_server(spec, side, options, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure_server(spec, side, options, directory):
     impl = (server_process.OURS if side == "ours" and not options.ours_is_zeo
             else server_process.THEIRS)
-    if client == "ours" and options.ours_is_zeo:
-        client = "ZEO"
+    if spec["client"] == "ours" and options.ours_is_zeo:
+        spec["client"] = "ZEO"
     section = ("<filestorage 1>\n  path %s\n  blob-dir %s\n</filestorage>"
                % (os.path.join(directory, "Data.fs"),
                   os.path.join(directory, "blobs")))
     server = server_process.start_configured_server(
         directory, storages={"1": section}, impl=impl)
-    problems = []
+    pid = server.process.pid
     try:
-        pid = server.process.pid
         before = server_process.memory_kib(pid, "VmRSS")
         server_process.reset_peak_memory(pid)
-        spec = {"client": client, "port": server.address[1],
-                "count": count, "size": size,
-                "per_transaction": per_transaction}
+        result = transfer(dict(spec, port=server.address[1]), directory)
+        peak = server_process.memory_kib(pid, "VmHWM") - before
+    finally:
+        stopped = server.stop()
+    if stopped != 0:
+        result.problems.append("server exited with a non-zero status")
+    return result._replace(server_peak_kib=peak)
+
+
+def transfer(spec, directory):
+    """Upload with one client process, download with another whose blob
+    cache is empty; check that the bytes came back."""
+    try:
         up = run_client(dict(spec, mode="upload", blob_dir=os.path.join(
             directory, "upload-cache")))
         down = run_client(dict(spec, mode="download", blob_dir=os.path.join(
             directory, "download-cache")))
-        peak = server_process.memory_kib(pid, "VmHWM") - before
-        if down["digest"] != up["digest"] or down["bytes"] != count * size:
-            problems.append("downloaded %d bytes that differ from the "
-                            "upload" % down["bytes"])
-        total = count * size / 1e6
-        return Transfer(total / up["seconds"], total / down["seconds"],
-                        peak, problems)
     except (RuntimeError, OSError, ValueError,
             subprocess.TimeoutExpired) as exc:
         return Transfer(None, None, None, [str(exc)])
-    finally:
-        if server.stop() != 0:
-            problems.append("server exited with a non-zero status")
-        shutil.rmtree(directory, ignore_errors=True)
+    expected = spec["count"] * spec["size"]
+    problems = []
+    if down["digest"] != up["digest"] or down["bytes"] != expected:
+        problems.append("downloaded %d bytes that differ from the upload"
+                        % down["bytes"])
+    return Transfer(expected / 1e6 / up["seconds"],
+                    expected / 1e6 / down["seconds"], None, problems)
 
 
 def measure_all(options, scratch):
@@ -129,12 +158,14 @@ def _ratio(ours, theirs):
 
 def format_lines(results):
     """One row per case and figure: the ZEO client on our server and on
-    ZEO's, then the pairs, each with its ratio."""
-    row = "%-40s | %8s %8s %6s | %8s %8s %6s"
-    lines = ["%-40s | %-24s | %-24s" % ("", "the ZEO client on server",
-                                        "pairs (client + server)"),
+    ZEO's, then the pairs, each with its ratio; then the floor and the
+    bound it puts on the pairs' ratio."""
+    row = "%-40s | %8s %8s %6s | %8s %8s %6s | %8s %6s"
+    lines = ["%-40s | %-24s | %-24s | %-15s" % (
+                 "", "the ZEO client on server", "pairs (client + server)",
+                 "local FileStor."),
              row % ("case, figure", "ours", "ZEO", "ratio", "ours", "ZEO",
-                    "ratio")]
+                    "ratio", "MB/s", "bound")]
     for case, cells in results.items():
         for field, unit in (("upload_mbps", "upload MB/s"),
                             ("download_mbps", "download MB/s"),
@@ -143,14 +174,20 @@ def format_lines(results):
             for _label, ours, theirs in COMPARISONS:
                 mine = _median(cells[ours], field)
                 other = _median(cells[theirs], field)
-                if field == "server_peak_kib":
-                    mine = None if mine is None else mine / 1024
-                    other = None if other is None else other / 1024
-                    cell += [_cell(mine), _cell(other), ""]
+                if field != "server_peak_kib":
+                    cell += [_cell(mine)] + (
+                        [] if ours[0] == LOCAL else [_cell(other)]) + [
+                        _ratio(mine, other)]
+                elif ours[0] != LOCAL:
+                    cell += [_cell(_mib(mine)), _cell(_mib(other)), ""]
                 else:
-                    cell += [_cell(mine), _cell(other), _ratio(mine, other)]
+                    cell += ["", ""]
             lines.append(row % tuple(["%s, %s" % (case, unit)] + cell))
     return lines
+
+
+def _mib(kib):
+    return None if kib is None else kib / 1024
 
 
 def print_report(results, options):
@@ -160,7 +197,9 @@ def print_report(results, options):
           "write + commit;")
     print("download = a fresh client (empty blob cache) reads every blob.  "
           "Server peak RSS")
-    print("+MB: VmHWM after the transfer - RSS before.")
+    print("+MB: VmHWM after the transfer - RSS before.  bound = local "
+          "FileStorage / ZEO's pair:")
+    print("the highest pair ratio possible here (no pair beats local).")
     print("\n".join(format_lines(results)))
 
 
@@ -173,8 +212,8 @@ def report_problems(results):
                 for problem in transfer.problems:
                     failed = True
                     print("PROBLEM with blobs, %s, %s client on %s server, "
-                          "pass %d: %s" % (case, client, side, number,
-                                           problem))
+                          "pass %d: %s" % (case, client, side or "no",
+                                           number, problem))
     if not failed:
         print("checks: blobs: every download equals its upload.")
     return failed

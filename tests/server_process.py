@@ -64,13 +64,14 @@ def write_config(directory, zeo_options="", storages=None, impl=OURS):
 class ServerProcess:
     """A server subprocess.
 
-    `args` are the runzeo arguments after ``-m zeo.runzeo``.  For our server
-    the address is taken from the "listening on" log line, so ``-a
-    127.0.0.1:0`` works; for the real ZEO pass a fixed port.
+    `args` are the runzeo arguments after ``-m zeo.runzeo`` (or after
+    `command`, another way to start it, e.g. an installed console script).
+    For our server the address is taken from the "listening on" log line,
+    so ``-a 127.0.0.1:0`` works; for the real ZEO pass a fixed port.
     """
 
     def __init__(self, args, impl=OURS, address=None, env=None,
-                 start_timeout=30):
+                 start_timeout=30, command=None):
         self.impl = impl
         self.args = list(args)
         self.address = address
@@ -80,7 +81,8 @@ class ServerProcess:
         environment = dict(os.environ)
         environment.update(env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "%s.runzeo" % impl] + self.args,
+            (command or [sys.executable, "-m", "%s.runzeo" % impl])
+            + self.args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

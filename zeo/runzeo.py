@@ -14,7 +14,6 @@ traceback.
 
 import argparse
 import dataclasses
-import importlib.metadata
 import logging
 import os
 import signal
@@ -29,6 +28,8 @@ import ZConfig.datatypes
 import ZODB.FileStorage
 
 from zeo import server_options, wire
+from zeo.command_line import (
+    DISTRIBUTION, add_version_option, distribution_version, program_name)
 from zeo.server import StorageServer, busy_poll
 from zeo.server.limits import NetworkLimits
 from zeo.server.unix_socket import remove_stale_socket
@@ -37,7 +38,6 @@ from zeo.server_options import seconds, whole_number
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
 
-DISTRIBUTION = "zeo-threaded"
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "schema.xml")
 DEFAULT_STORAGE_NAME = "1"
@@ -77,14 +77,6 @@ class ConfigurationError(Exception):
 
     Reported to the user as one ``Error:`` line, never as a traceback.
     """
-
-
-def distribution_version():
-    """Our version, from the installed distribution's metadata."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (%s is not installed)" % DISTRIBUTION
 
 
 def parse_address(text):
@@ -191,7 +183,8 @@ def _argument_type(convert):
 
 def build_argument_parser():
     parser = _ArgumentParser(
-        prog="python -m zeo.runzeo", description=DESCRIPTION, epilog=EPILOG,
+        prog=program_name("zeo.runzeo"), description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)
     parser.add_argument(
@@ -231,9 +224,7 @@ def build_argument_parser():
         "--pid-file", metavar="PATH",
         type=_argument_type(ZConfig.datatypes.existing_dirpath),
         help="write the process id to PATH while serving")
-    parser.add_argument(
-        "--version", action="version",
-        version="%s %s" % (DISTRIBUTION, distribution_version()))
+    add_version_option(parser)
     return parser
 
 

@@ -32,6 +32,7 @@ import os
 import sys
 
 from zeo import runzeo
+from zeo.command_line import add_version_option, program_name
 
 EXIT_CONFIGURATION_ERROR = 2
 
@@ -45,7 +46,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_argument_parser():
     parser = _ArgumentParser(
-        prog="python -m zeo.zeoctl",
+        prog=program_name("zeo.zeoctl"),
         description="Start, stop and query a zeo server run by zdaemon.",
         epilog="Actions: start, stop, restart, status, logreopen, "
                "kill [SIGNAL], wait, fg, show, logtail.")
@@ -62,6 +63,7 @@ def build_argument_parser():
     parser.add_argument("action", help="what to do: start, stop, status, ...")
     parser.add_argument("arguments", nargs="*",
                         help="arguments of the action (kill SIGNAL)")
+    add_version_option(parser)
     return parser
 
 

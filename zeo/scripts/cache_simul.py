@@ -22,6 +22,7 @@ import sys
 
 from zeo.client import trace
 from zeo.client.cache import ClientCache, next_tid
+from zeo.command_line import add_version_option, program_name
 from zeo.scripts import positive_number
 from zeo.scripts.cache_stats import ratio, read_into, report_error
 
@@ -114,13 +115,14 @@ class _TracedLoads:
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m zeo.scripts.cache_simul",
+        prog=program_name("zeo.scripts.cache_simul"),
         description="Simulate our client cache at other sizes on a cache "
                     "trace (ours or ZEO's; gzip'ed when named *.gz).")
     parser.add_argument("trace", help="the trace file")
     parser.add_argument(
         "-s", "--size", type=positive_number, nargs="+", default=[20.0],
         metavar="MB", help="cache sizes to simulate, in MB (default 20)")
+    add_version_option(parser)
     return parser
 
 

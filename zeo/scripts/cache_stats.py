@@ -20,6 +20,7 @@ import sys
 import time
 
 from zeo.client import trace
+from zeo.command_line import add_version_option, program_name
 from zeo.scripts import positive_number
 
 #: Exit status for a trace that is missing or damaged.
@@ -149,7 +150,7 @@ def report_error(program, error):
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m zeo.scripts.cache_stats",
+        prog=program_name("zeo.scripts.cache_stats"),
         description="Statistics of a client cache trace (ours or ZEO's; "
                     "gzip'ed when named *.gz).")
     parser.add_argument("trace", help="the trace file")
@@ -162,6 +163,7 @@ def build_argument_parser():
                         help="print the totals only")
     output.add_argument("-v", "--verbose", action="store_true",
                         help="print every record too")
+    add_version_option(parser)
     return parser
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 from zeo import wire
+from zeo.command_line import add_version_option, program_name
 from zeo.scripts import FrameSocket, format_server_address
 from zeo.scripts import server_address_argument
 
@@ -106,7 +107,7 @@ def _error_text(payload):
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m zeo.scripts.zeopack",
+        prog=program_name("zeo.scripts.zeopack"),
         description="Pack storages of a running ZEO server.")
     parser.add_argument(
         "address", type=server_address_argument,
@@ -128,6 +129,7 @@ def build_argument_parser():
         help="give up connecting after this long (default %d); the pack "
              "itself may take as long as it takes"
              % DEFAULT_CONNECT_TIMEOUT)
+    add_version_option(parser)
     return parser
 
 

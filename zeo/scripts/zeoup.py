@@ -23,6 +23,7 @@ import socket
 import sys
 
 from zeo import wire
+from zeo.command_line import add_version_option, program_name
 from zeo.scripts import FrameSocket, format_server_address
 from zeo.scripts import server_address_argument
 
@@ -44,7 +45,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_argument_parser():
     parser = _ArgumentParser(
-        prog="python -m zeo.scripts.zeoup",
+        prog=program_name("zeo.scripts.zeoup"),
         description="Check that a ZEO server answers, Nagios style.")
     parser.add_argument(
         "address", type=server_address_argument,
@@ -60,6 +61,7 @@ def build_argument_parser():
         "-t", "--timeout", type=float, default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="give up after this long (default %d)" % DEFAULT_TIMEOUT)
+    add_version_option(parser)
     return parser
 
 
