@@ -44,7 +44,7 @@ LARGEST_FRAME_SIZE = 2 ** 32 - 1
 #: At most one refusal line of each kind per this many seconds.
 REFUSAL_LOG_INTERVAL = 1.0
 
-#: Kinds of refusal, as the monitor and the log name them.
+#: Kinds of refusal: each is counted, and its log lines limited, apart.
 CONNECTION_REFUSED = "connection refused"
 REGISTER_TIMEOUT = "no register in time"
 FRAME_REFUSED = "frame refused"
@@ -73,7 +73,7 @@ _RANGES = {
 
 
 def check_setting(key, value):
-    """Raise ValueError, naming `key`, if `value` is outside its range."""
+    """`value`, or ValueError naming `key` if it is outside its range."""
     _check_range(key, value, **_RANGES[key])
     return value
 
