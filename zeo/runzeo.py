@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 import typing
@@ -28,11 +27,14 @@ import ZConfig.components.logger.loghandler
 import ZConfig.datatypes
 import ZODB.FileStorage
 
-from zeo import wire
+from zeo import server_options, wire
 from zeo.command_line import (
     DISTRIBUTION, add_version_option, distribution_version, program_name)
 from zeo.server import StorageServer, busy_poll
+from zeo.server.limits import NetworkLimits
 from zeo.server.metrics import import_prometheus_client
+from zeo.server.unix_socket import remove_stale_socket
+from zeo.server_options import seconds, whole_number
 
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
@@ -157,6 +159,8 @@ class ServerOptions:
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
     eventlog: typing.Optional[typing.Callable] = None
+    limits: NetworkLimits = dataclasses.field(default_factory=NetworkLimits)
+    monitor_allow_remote: bool = False
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -181,20 +185,6 @@ def _argument_type(convert):
     return converter
 
 
-def _seconds(text):
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("%r is not a number of seconds" % text) from None
-
-
-def _whole_number(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("%r is not a whole number" % text) from None
-
-
 def build_argument_parser():
     parser = _ArgumentParser(
         prog=program_name("zeo.runzeo"), description=DESCRIPTION,
@@ -217,11 +207,11 @@ def build_argument_parser():
         help="refuse every commit")
     parser.add_argument(
         "-t", "--timeout", metavar="SECONDS",
-        type=_argument_type(_seconds),
+        type=_argument_type(seconds),
         help="abort a transaction that holds a commit lock longer than this")
     parser.add_argument(
         "--invalidation-queue-size", metavar="N",
-        type=_argument_type(_whole_number),
+        type=_argument_type(whole_number),
         help="recent transactions remembered per storage for reconnecting "
              "clients (default 100)")
     parser.add_argument(
@@ -234,7 +224,7 @@ def build_argument_parser():
         help="also answer Prometheus scrapes (GET /metrics) at HOST:PORT")
     parser.add_argument(
         "--busy-poll", metavar="MICROSECONDS",
-        type=_argument_type(_whole_number),
+        type=_argument_type(whole_number),
         help="how long a connection polls for its client's next message "
              "before sleeping (default %d; 0 turns polling off)"
              % busy_poll.DEFAULT_MICROSECONDS)
@@ -336,6 +326,8 @@ def _options_from_config(config):
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
         eventlog=config.eventlog,
+        limits=server_options.limits_from_config(section),
+        monitor_allow_remote=section.monitor_allow_remote,
     )
 
 
@@ -411,6 +403,11 @@ def _check_values(options):
     if options.msgpack and not wire.msgpack_available():
         raise ConfigurationError(
             "msgpack is requested but the msgpack package is not installed")
+    try:
+        server_options.check_monitor_address(options.monitor_address,
+                                             options.monitor_allow_remote)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def configure_logging(options):
@@ -429,41 +426,14 @@ def configure_logging(options):
     root.setLevel(logging.INFO)
 
 
-def _is_socket(path):
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _accepts_connections(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1)
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
-
-
 def prepare_unix_socket(path):
-    """Check a Unix socket path before anything binds it.
-
-    A socket file nothing answers on is left from a server that is gone
-    (binding fails while it exists, so it would block a restart): remove
-    it.  A socket something answers on is in use.  Anything else at the
-    path is refused, never removed: it is most likely a mistyped path, and
-    it could be a database file.
-    """
-    if not os.path.lexists(path):
-        return
-    if not _is_socket(path):
-        raise ConfigurationError(
-            "%s exists and is not a socket; refusing to replace it" % path)
-    if _accepts_connections(path):
-        raise ConfigurationError("address %s is already in use" % path)
-    logger.info("removing the stale socket file %s", path)
-    os.unlink(path)
+    """Check a Unix socket path before any storage is opened: a stale
+    socket file is removed, anything else there is a configuration error
+    (see `remove_stale_socket`)."""
+    try:
+        remove_stale_socket(path)
+    except OSError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def _close_storage_logging_errors(name, storage):
@@ -617,6 +587,7 @@ class ServerRunner:
                 slow_transaction_threshold=(
                     options.slow_transaction_threshold),
                 slow_load_threshold=options.slow_load_threshold,
+                limits=options.limits,
                 busy_poll=options.busy_poll_microseconds * 1e-6)
         except OSError as error:
             raise ConfigurationError(

@@ -52,6 +52,20 @@ class ProtocolError(Exception):
     """
 
 
+class FrameTooLarge(ProtocolError):
+    """A frame's length word announces more than the reader accepts.
+
+    Raised as soon as the length word is read, before any of the payload
+    is buffered; `length` and `limit` are in bytes.
+    """
+
+    def __init__(self, length, limit):
+        super().__init__("frame of %d bytes exceeds the limit of %d bytes"
+                         % (length, limit))
+        self.length = length
+        self.limit = limit
+
+
 def frame(payload):
     """Return `payload` prefixed with its 4-byte big-endian length."""
     return _LENGTH.pack(len(payload)) + payload
@@ -132,9 +146,7 @@ class FrameReader:
         """The length word at `start`, checked against the limit."""
         (length,) = _LENGTH.unpack_from(view, start)
         if length > self.max_frame_size:
-            raise ProtocolError(
-                "frame of %d bytes exceeds the limit of %d bytes"
-                % (length, self.max_frame_size))
+            raise FrameTooLarge(length, self.max_frame_size)
         return length
 
     def _cut(self, view):

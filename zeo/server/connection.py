@@ -16,16 +16,13 @@ import time
 
 from zeo import wire
 from zeo.rpc import Outbox
+from zeo.server.limits import UNREGISTERED_MAX_FRAME_SIZE
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
 from zeo.server.session import Session
 
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
-#: The largest frame a client may send before it has registered: the
-#: handshake and `register` take a few dozen bytes, and whoever reaches
-#: the port must not make us buffer (and decode) a quarter of a gigabyte.
-UNREGISTERED_MAX_FRAME_SIZE = 64 * 1024
 #: A call whose publication lock depends on its arguments (`register`).
 _BY_ARGUMENTS = object()
 
@@ -117,15 +114,24 @@ class ServerConnection:
         except OSError:
             pass
 
+    @property
+    def registered(self):
+        return self.session.served is not None
+
     # -- the connection's thread --------------------------------------------
 
     def run(self):
         logger.info("(%s) connected", self.peer)
+        self.server.guard.watch(self)
         try:
             self._serve()
         except OSError as error:
             if not self._closing.is_set():
                 self._close_reason = "connection error: %s" % error
+        except wire.FrameTooLarge as error:
+            self._close_reason = "frame too large"
+            self.server.guard.frame_refused(self.label, error,
+                                            self.registered)
         except wire.ProtocolError as error:
             self._close_reason = "protocol error: %s" % error
             logger.error("(%s) %s; closing", self.label, error)
@@ -138,7 +144,7 @@ class ServerConnection:
     def _serve(self):
         self.outbox.put(wire.frame(self.server.protocol))
         self.outbox.send_pending()
-        registered_max_frame_size = self.server.max_frame_size
+        registered_max_frame_size = self.server.guard.limits.max_frame_size
         reader = wire.FrameReader(min(registered_max_frame_size,
                                       UNREGISTERED_MAX_FRAME_SIZE))
         payloads = self._receive(reader)
@@ -149,12 +155,15 @@ class ServerConnection:
             self._answer_ruok()
             return
         self.codec = wire.codec_for(handshake)
+        registering = True
         while True:
             for payload in payloads:
                 if not self._handle(payload):
                     return
-            if self.session.served is not None:
+            if registering and self.registered:
+                registering = False
                 reader.max_frame_size = registered_max_frame_size
+                self.server.guard.forget(self)
             payloads = self._receive(reader)
             if payloads is None:
                 return
@@ -299,6 +308,7 @@ class ServerConnection:
 
     def _finish(self):
         self._closing.set()
+        self.server.guard.forget(self)
         self._receiver.close()
         try:
             self.session.closed()

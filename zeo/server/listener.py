@@ -3,18 +3,19 @@
 The standard library's threading servers do the accepting; we override
 what they leave unsaid: threads get names, TCP sockets get TCP_NODELAY
 (the protocol mixes one-way and two-way messages, and Nagle's algorithm
-would add delayed-ACK stalls), and every live connection is tracked so
-shutdown can close and join them.
+would add delayed-ACK stalls), every live connection is tracked so
+shutdown can close and join them, a connection past max-connections is
+closed before it costs a thread, and a Unix socket file gets socket-mode.
 """
 
 import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 
 from zeo.server.connection import ServerConnection, format_peer
+from zeo.server.unix_socket import bind_with_mode, remove_stale_socket
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class _ConnectionTracking:
         self._ended_traffic = [0, 0]
 
     def process_request(self, request, client_address):
+        if not self.zeo_server.guard.admit(format_peer(client_address),
+                                           self.connection_count()):
+            self.shutdown_request(request)
+            return
         if isinstance(request, socket.socket) and \
                 request.family in (socket.AF_INET, socket.AF_INET6):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -48,6 +53,10 @@ class _ConnectionTracking:
         with self._live_lock:
             self._live[connection] = thread
         thread.start()
+
+    def connection_count(self):
+        with self._live_lock:
+            return len(self._live)
 
     def _run_connection(self, connection):
         try:
@@ -93,6 +102,10 @@ class TCP6Listener(_ConnectionTracking, socketserver.TCPServer):
 
 class UnixListener(_ConnectionTracking, socketserver.UnixStreamServer):
 
+    def server_bind(self):
+        bind_with_mode(self.socket, self.server_address,
+                       self.zeo_server.guard.limits.socket_mode)
+
     def server_close(self):
         socketserver.UnixStreamServer.server_close(self)
         try:
@@ -119,30 +132,6 @@ def make_listener(address, server):
         listener.socket.close()
         raise
     return listener
-
-
-def remove_stale_socket(path):
-    """Make room for a Unix socket at `path`.
-
-    A socket file nobody listens on is left from a crash: remove it.  One
-    that answers belongs to a running server, and anything that is not a
-    socket (a mistyped path to a Data.fs, say) is never deleted.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError("%s exists and is not a socket" % path)
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-    else:
-        raise OSError("address %s already in use" % path)
-    finally:
-        probe.close()
 
 
 def format_address(address):

@@ -23,7 +23,10 @@ from importlib import metadata
 import ZODB.TimeStamp
 
 from zeo.server import blobs
-from zeo.server.listener import format_address, remove_stale_socket
+from zeo.server.limits import (CONNECTION_REFUSED, FRAME_REFUSED,
+                               REGISTER_TIMEOUT)
+from zeo.server.listener import format_address
+from zeo.server.unix_socket import bind_with_mode, remove_stale_socket
 from zeo.server.storage import tid_hex, z64
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ def report(server, now=None):
     """The report text for `server`'s storages, sorted by name."""
     now = time.time() if now is None else now
     lines = ["ZEO monitor server version %s" % our_version(),
-             time.ctime(now), ""]
+             time.ctime(now)] + connection_lines(server) + [""]
     watchdog = server.watchdog_status()
     for name in sorted(server.storages):
         lines += storage_block(server.storages[name], watchdog, now)
@@ -61,6 +64,17 @@ def report(server, now=None):
         lines += ["Slow: %s" % line for line in slow]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def connection_lines(server):
+    """The server's connections against max-connections, and how many
+    connections its limits refused or closed."""
+    refusals = server.guard.refusals.counts()
+    return ["Connections: %d" % server.connection_count(),
+            "Connection limit: %d" % server.guard.limits.max_connections,
+            "Connections refused: %d" % refusals[CONNECTION_REFUSED],
+            "Closed for no register: %d" % refusals[REGISTER_TIMEOUT],
+            "Frames refused: %d" % refusals[FRAME_REFUSED]]
 
 
 def storage_block(served, watchdog_status, now):
@@ -143,7 +157,11 @@ class MonitorServer:
             self._socket = socket.socket(family)
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._socket.bind(address)
+            if isinstance(address, str):
+                bind_with_mode(self._socket, address,
+                               server.guard.limits.socket_mode)
+            else:
+                self._socket.bind(address)
             self._socket.listen(16)
         except OSError:
             self._socket.close()

@@ -7,6 +7,7 @@ import threading
 from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
+from zeo.server.limits import ConnectionGuard, NetworkLimits
 from zeo.server.listener import format_address, make_listener
 from zeo.server.slow_log import SlowLog
 from zeo.server.storage import ServedStorage
@@ -19,15 +20,17 @@ class StorageServer:
 
     The constructor opens nothing but the listening socket (so `address`
     holds the real bound address, port 0 resolved); `start` begins
-    accepting, `serve_forever` starts and blocks until `close`.
+    accepting, `serve_forever` starts and blocks until `close`.  `limits`
+    (a `NetworkLimits`; its defaults if None) bounds what clients may make
+    the server hold: connections, time to register, frame size, and the
+    mode of a Unix socket file.
     """
 
     def __init__(self, address, storages, read_only=False,
                  invalidation_queue_size=100, invalidation_age=None,
                  transaction_timeout=None, client_conflict_resolution=False,
                  msgpack=None, monitor_address=None,
-                 outbox_limit=DEFAULT_OUTBOX_LIMIT,
-                 max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE,
+                 outbox_limit=DEFAULT_OUTBOX_LIMIT, limits=None,
                  busy_poll=DEFAULT_WINDOW, metrics_address=None,
                  slow_transaction_threshold=None, slow_load_threshold=None):
         if msgpack is None:
@@ -39,7 +42,7 @@ class StorageServer:
         self.protocol = (wire.MSGPACK_PROTOCOL if msgpack
                          else wire.PICKLE_PROTOCOL)
         self.outbox_limit = outbox_limit
-        self.max_frame_size = max_frame_size
+        self.guard = ConnectionGuard(limits or NetworkLimits())
         self.busy_polling = BusyPolling(busy_poll)
         self.transaction_timeout = transaction_timeout
         self.slow_log = SlowLog(slow_transaction_threshold,
@@ -88,6 +91,7 @@ class StorageServer:
             self._start_threads()
 
     def _start_threads(self):
+        self.guard.start()
         if self._watchdog is not None:
             self._watchdog.start()
         if self.monitor is not None:
@@ -104,6 +108,9 @@ class StorageServer:
         self._closed.wait()
 
     # -- used by sessions ----------------------------------------------------
+
+    def connection_count(self):
+        return self._listener.connection_count()
 
     def watchdog_status(self):
         if self._watchdog is None:
@@ -146,6 +153,7 @@ class StorageServer:
             if self.metrics is not None:
                 self.metrics.close()
             self._listener.close_connections()
+            self.guard.stop()
             if self._watchdog is not None:
                 self._watchdog.stop()
             with self._workers_lock:
