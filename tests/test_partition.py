@@ -7,11 +7,14 @@ within its `heartbeat_timeout` (it is noticed within 1.25 timeouts of
 the last byte; the tests allow one second more), wake its callers with
 `ClientDisconnected`, fail over to another address, and after the
 partition heals, reconnect and verify its cache.  On the server, the
-transaction timeout frees the commit lock a silent client holds.
+transaction timeout frees the commit lock a silent client holds, and
+short TCP keepalive drops clients whose packets no longer arrive.
 """
 
 import logging
+import re
 import shutil
+import subprocess
 import threading
 import time
 
@@ -20,8 +23,9 @@ import ZODB
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
-from conftest import commit_one, wait_until
-from server_process import free_port
+from conftest import (
+    RawClient, commit_one, server_environment, wait_until)
+from server_process import free_port, start_configured_server
 from silent_proxy import SilentProxy
 from test_client_reconnect import (  # noqa: F401 (fixtures)
     clients, messages, populate, server_loads, servers)
@@ -149,3 +153,48 @@ def test_silent_lock_holder_is_dropped_and_another_client_commits(
     proxy.heal()
     wait_until(holder.is_connected, "the holder reconnects")
     assert holder.load(oid) == (b"by the other client", committed[0])
+
+
+def server_socket_timer(port):
+    """The timer ss shows on the server's end of the one connection
+    accepted at `port`, once no data waits for an acknowledgement (the
+    retransmission timer would show instead), or "" for none: e.g.
+    "keepalive,3.9sec,0"."""
+    deadline = time.monotonic() + 5
+    while True:
+        output = subprocess.run(
+            ["ss", "-tno", "state", "established", "( sport = :%d )" % port],
+            capture_output=True, text=True, check=True).stdout
+        (line,) = output.splitlines()[1:]
+        timer = re.search(r"timer:\(([^)]*)\)", line)
+        if line.split()[1] == "0" or time.monotonic() > deadline:
+            return timer.group(1) if timer else ""
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize("setting, expected", [
+    ("tcp-keepalive 8", 4), ("tcp-keepalive 0", None), ("", 30)])
+def test_server_sets_short_tcp_keepalive(tmp_path, setting, expected):
+    """A client whose packets are dropped cannot be made on this machine
+    (no netem); what the kernel will do is seen on the accepted socket:
+    its keepalive timer, counting down from half the setting (the
+    default is 60 s), or none at all with 0."""
+    server = start_configured_server(str(tmp_path), setting,
+                                     env=server_environment())
+    try:
+        client = RawClient(server.address)
+        try:
+            client.handshake()
+            timer = server_socket_timer(server.address[1])
+        finally:
+            client.close()
+    finally:
+        assert server.stop() == 0
+    if expected is None:
+        assert timer == ""
+    else:
+        kind, left, _probes = timer.split(",")
+        assert kind == "keepalive"
+        # ss prints "3.9sec" or, in some versions, "3.9ms" for seconds
+        assert expected - 2 < float(left.rstrip("secm")) <= expected

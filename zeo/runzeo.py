@@ -31,6 +31,7 @@ import ZODB.FileStorage
 
 from zeo import wire
 from zeo.server import StorageServer, busy_poll
+from zeo.server.server import DEFAULT_TCP_KEEPALIVE
 
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
@@ -160,6 +161,7 @@ class ServerOptions:
     client_conflict_resolution: bool = False
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
+    tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE
     eventlog: typing.Optional[typing.Callable] = None
 
 
@@ -321,6 +323,7 @@ def _options_from_config(config):
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
+        tcp_keepalive=section.tcp_keepalive,
         eventlog=config.eventlog,
     )
 
@@ -378,6 +381,8 @@ def _check_values(options):
         raise ConfigurationError("invalidation-age cannot be negative")
     if options.busy_poll_microseconds < 0:
         raise ConfigurationError("busy-poll cannot be negative")
+    if options.tcp_keepalive < 0:
+        raise ConfigurationError("tcp-keepalive cannot be negative")
     if options.msgpack and not wire.msgpack_available():
         raise ConfigurationError(
             "msgpack is requested but the msgpack package is not installed")
@@ -583,7 +588,8 @@ class ServerRunner:
                     options.client_conflict_resolution),
                 msgpack=options.msgpack,
                 monitor_address=options.monitor_address,
-                busy_poll=options.busy_poll_microseconds * 1e-6)
+                busy_poll=options.busy_poll_microseconds * 1e-6,
+                tcp_keepalive=options.tcp_keepalive)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -12,6 +12,9 @@ from zeo.server.storage import ServedStorage
 
 logger = logging.getLogger("zeo.server")
 
+#: Seconds (the `tcp-keepalive` key's default).
+DEFAULT_TCP_KEEPALIVE = 60
+
 
 class StorageServer:
     """Serves named ZODB storages to ZEO clients.
@@ -27,7 +30,8 @@ class StorageServer:
                  msgpack=None, monitor_address=None,
                  outbox_limit=DEFAULT_OUTBOX_LIMIT,
                  max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE,
-                 busy_poll=DEFAULT_WINDOW):
+                 busy_poll=DEFAULT_WINDOW,
+                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -40,6 +44,9 @@ class StorageServer:
         self.max_frame_size = max_frame_size
         self.busy_polling = BusyPolling(busy_poll)
         self.transaction_timeout = transaction_timeout
+        #: Seconds after which a TCP client that acknowledges nothing is
+        #: dropped (see `zeo.server.listener.set_keepalive`).
+        self.tcp_keepalive = tcp_keepalive
         self.storages = {}
         for name, storage in storages.items():
             served = ServedStorage(
