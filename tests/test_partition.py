@@ -24,7 +24,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
 from conftest import (
-    RawClient, commit_one, server_environment, wait_until)
+    RawClient, closing_all, commit_one, server_environment, wait_until)
 from server_process import free_port, start_configured_server
 from silent_proxy import SilentProxy
 from test_client_reconnect import (  # noqa: F401 (fixtures)
@@ -43,16 +43,7 @@ NOTICE_BOUND = HEARTBEAT_TIMEOUT * 1.25 + 1
 @pytest.fixture
 def proxies():
     """Factory: proxy(target) -> a running SilentProxy; closed after."""
-    made = []
-
-    def start(target):
-        proxy = SilentProxy(target)
-        made.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in made:
-        proxy.close()
+    yield from closing_all(SilentProxy)
 
 
 def partitioned_call(proxy, call):
@@ -122,6 +113,23 @@ def test_fails_over_to_the_second_address(tmp_path, servers, proxies,
     assert storage._link.connection.address == second_address
     assert storage.load(oid) == (b"on both servers", tid)
     assert commit_one(storage, oid, tid, b"on the second") > tid
+
+
+def test_silent_read_only_server_of_a_fallback_client(
+        tmp_path, servers, proxies, clients):
+    """A read-only-fallback client on a read-only server spends its time
+    looking for a writable one, here with long waits between rounds; a
+    silent server is noticed during those waits."""
+    path = tmp_path / "Data.fs"
+    ZODB.DB(str(path)).close()  # a database with its root
+    server = servers(free_port(), path, "-r")
+    proxy = proxies(server.address)
+    storage = clients([proxy.address, ("127.0.0.1", free_port())],
+                      read_only_fallback=True, min_disconnect_poll=60,
+                      max_disconnect_poll=60,
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    assert storage.isReadOnly()
+    assert partitioned_call(proxy, storage.server_status) < NOTICE_BOUND
 
 
 def test_silent_lock_holder_is_dropped_and_another_client_commits(

@@ -28,6 +28,7 @@ starts the reconnection, which tries the other addresses first.
 """
 
 import logging
+import math
 import random
 import threading
 import time
@@ -215,25 +216,36 @@ class ConnectionManager:
                 new_goal, found = "writable", self._try_addresses(True)
             else:
                 goal = None
-                self._watch()
+                self._pause()
                 continue
             if found:
                 continue
             if new_goal != goal:
                 goal, delays = new_goal, self.retry.delays()
-            self._wake.wait(next(delays))
+            self._pause(next(delays))
 
-    def _watch(self):
-        """Wait for news while connected; give up on a connection whose
-        server has been silent for the heartbeat timeout."""
+    def _pause(self, seconds=math.inf):
+        """Wait `seconds`, or less if woken (a lost connection, close());
+        meanwhile, give up on a connection whose server has been silent
+        for the heartbeat timeout."""
+        deadline = time.monotonic() + seconds
+        period = math.inf
+        if self.heartbeat_timeout is not None:
+            period = self.heartbeat_timeout / _CHECKS_PER_TIMEOUT
+        while True:
+            step = min(deadline - time.monotonic(), period)
+            if step <= 0 or self._wake.wait(
+                    None if step == math.inf else step):
+                return
+            self._give_up_if_silent()
+
+    def _give_up_if_silent(self):
+        """Close the connection if its server has been silent for the
+        heartbeat timeout (its loss then wakes the connector)."""
         timeout = self.heartbeat_timeout
-        if timeout is None:
-            self._wake.wait()
-            return
-        if self._wake.wait(timeout / _CHECKS_PER_TIMEOUT):
-            return
         connection = self._connection
-        if connection is not None and connection.silence() >= timeout:
+        if timeout is not None and connection is not None \
+                and connection.silence() >= timeout:
             reason = "no word from the server for %s seconds" % timeout
             logger.warning("(%s) %s; reconnecting", connection.label, reason)
             connection.close(reason=reason)
@@ -355,7 +367,7 @@ class ConnectionManager:
         with a heartbeat timeout, also a `ping` (whose reply the server
         must send) when the server has been silent for a third of it and
         the last ping was answered.  A send may block on a server that
-        went silent; the connector's `_watch` then closes the connection,
+        went silent; the connector (`_pause`) then closes the connection,
         which ends the send."""
         pinging = self.heartbeat_timeout is not None
         period = HEARTBEAT_INTERVAL
