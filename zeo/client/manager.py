@@ -48,8 +48,9 @@ CONNECT_TIMEOUT = 10
 #: Seconds of silence from the server after which the connection is
 #: given up by default (ClientStorage's `heartbeat_timeout`).
 DEFAULT_HEARTBEAT_TIMEOUT = 60
-#: How many times a second look at a connection's silence is taken, per
-#: second of heartbeat timeout: it is noticed within 1.25 timeouts.
+#: How many times per heartbeat timeout the connector looks at how long
+#: the server has been silent: a silent server is noticed within 1.25
+#: timeouts of the last byte it sent.
 _CHECKS_PER_TIMEOUT = 4
 
 
