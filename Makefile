@@ -23,8 +23,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# Extra bench flags, e.g. make bench BENCH_ARGS=--reconnect-only
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info

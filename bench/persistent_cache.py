@@ -39,6 +39,7 @@ import server_process
 from passes import alternating_passes
 from raw_client import RawClient, RawServerError
 from storage_template import StorageTemplate
+from table import render_table
 
 CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "cache_client.py")
@@ -252,18 +253,7 @@ def format_table(results, options):
             number_format % ours, number_format % theirs,
             "-" if ratio is None else "%.2f" % ratio,
             "%.2f-%.2f" % (min(ratios), max(ratios)) if ratios else "-"))
-    if not rows:
-        return []
-    widths = [max(len(row[i]) for row in rows + [columns])
-              for i in range(len(columns))]
-
-    def render(row):
-        return " | ".join(cell.ljust(width) if index == 0
-                          else cell.rjust(width)
-                          for index, (cell, width)
-                          in enumerate(zip(row, widths)))
-    rule = "-+-".join("-" * width for width in widths)
-    return [render(columns), rule] + [render(row) for row in rows]
+    return render_table(columns, rows)
 
 
 def print_report(results, options):

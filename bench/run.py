@@ -19,10 +19,13 @@ compared with what the clients did, which proves that the loads really
 reached the server (no client cache in the way) and that every commit
 committed.
 
-Two last sections time the pairs with persistent client caches
+Three last sections time the pairs with persistent client caches
 (`persistent_cache.py`: a fresh client's start-up after a server restart,
-and warm cached reads) and blob transfer (`blobs.py`: upload and download
-throughput, and the server's memory while a big blob crosses it).
+and warm cached reads), blob transfer (`blobs.py`: upload and download
+throughput, and the server's memory while a big blob crosses it) and
+reconnection (`reconnect.py`: how soon a connected client is usable
+again after a server restart, and how soon it notices a network
+partition and fails over).
 
 See bench/README.md for how to read the output.
 """
@@ -46,6 +49,7 @@ sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 import blobs  # noqa: E402
 import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
+import reconnect  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
@@ -128,7 +132,26 @@ def parse_arguments(argv):
     parser.add_argument(
         "--metrics-only", action="store_true",
         help="run the metrics-scraping measurements only")
+    parser.add_argument(
+        "--reconnect-only", action="store_true",
+        help="run the reconnection measurements only (server restart, "
+             "network partition)")
+    parser.add_argument(
+        "--reconnect-passes", type=int,
+        help="passes of the reconnection measurements (default 5, quick 1)")
+    parser.add_argument(
+        "--heartbeat-timeout", type=float, default=2,
+        help="our client's heartbeat_timeout in the partition measurement "
+             "(default 2 seconds)")
+    parser.add_argument(
+        "--partition-wait", type=float, default=10,
+        help="seconds a partitioned client is given to notice and fail "
+             "over (default 10)")
     options = parser.parse_args(argv)
+    if options.blobs_only and options.reconnect_only:
+        parser.error("--blobs-only and --reconnect-only exclude each other")
+    if options.reconnect_passes is None:
+        options.reconnect_passes = 1 if options.quick else 5
     if options.blob_passes is None:
         options.blob_passes = 1 if options.quick else 5
     defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
@@ -382,21 +405,31 @@ def run(options):
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     started = time.monotonic()
     status = 0
-    blob_results = None
+    blob_results = reconnect_results = None
+    only = (options.blobs_only or options.metrics_only
+            or options.reconnect_only)
     try:
-        if not (options.blobs_only or options.metrics_only):
+        if not only:
             status = run_throughput_and_cache(options, scratch)
-        if not options.blobs_only and run_metrics_scraping(options,
-                                                           scratch):
-            status = 1
-        if not options.metrics_only:
+        if not only or options.metrics_only:
+            if run_metrics_scraping(options, scratch):
+                status = 1
+        if not only or options.blobs_only:
             blob_results = blobs.measure_all(options, scratch)
+        if not only or options.reconnect_only:
+            reconnect_results = reconnect.measure_all(options, scratch,
+                                                      client_kind)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:
         print()
         blobs.print_report(blob_results, options)
         if blobs.report_problems(blob_results):
+            status = 1
+    if reconnect_results is not None:
+        print()
+        reconnect.print_report(reconnect_results, options)
+        if reconnect.report_problems(reconnect_results, log_problems):
             status = 1
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))

@@ -76,6 +76,8 @@ class ServerProcess:
         self.args = list(args)
         self.address = address
         self.log_lines = []
+        #: time.monotonic() when the "listening on" log line was read.
+        self.listening_at = None
         self._listening = threading.Event()
         self._log_lock = threading.Lock()
         environment = dict(os.environ)
@@ -100,6 +102,8 @@ class ServerProcess:
             with self._log_lock:
                 self.log_lines.append(line.rstrip("\n"))
             match = _LISTENING.search(line)
+            if match and self.listening_at is None:
+                self.listening_at = time.monotonic()
             if match and self.address is None:
                 self.address = parse_address(match.group(1))
                 self._listening.set()

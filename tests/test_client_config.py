@@ -39,8 +39,9 @@ def test_storage_from_string_round_trip(served):
         storage 1
         name configured
         cache-size 1MB
-        min-disconnect-poll 1
+        min-disconnect-poll 0.5
         max-disconnect-poll 2
+        heartbeat-timeout 7.5
         wait-timeout 10
         server-sync true
         client-label from-config
@@ -49,6 +50,9 @@ def test_storage_from_string_round_trip(served):
     try:
         assert type(storage).__module__ == "zeo.ClientStorage"
         assert storage._link.busy_poll == 50
+        assert storage._link.heartbeat_timeout == 7.5
+        assert (storage._link.retry.minimum,
+                storage._link.retry.maximum) == (0.5, 2)
         assert storage.is_connected()
         assert storage.getName() == "configured"
         assert not storage.isReadOnly()
@@ -107,6 +111,8 @@ def test_example_client_conf_parses():
     ("server 127.0.0.1:1\nmin-disconnect-poll 10\nmax-disconnect-poll 5",
      "max-disconnect-poll"),
     ("server 127.0.0.1:1\nbusy-poll -1", "busy-poll"),
+    ("server 127.0.0.1:1\nheartbeat-timeout -1", "heartbeat-timeout"),
+    ("server 127.0.0.1:1\nheartbeat-timeout soon", "'soon'"),
 ])
 def test_bad_configuration_is_reported_clearly(body, message):
     with pytest.raises(ZConfig.ConfigurationError) as caught:
@@ -129,10 +135,20 @@ def test_blob_dir_makes_a_blob_storage_that_needs_a_blob_server(
         storage.close()
 
 
-def test_negative_busy_poll_argument_is_refused():
-    with pytest.raises(ClientStorageError, match="busy_poll"):
+@pytest.mark.parametrize("argument", ["busy_poll", "heartbeat_timeout"])
+def test_negative_argument_is_refused(argument):
+    with pytest.raises(ClientStorageError, match=argument):
         zeo.ClientStorage.ClientStorage(("127.0.0.1", 1), wait=False,
-                                        busy_poll=-5)
+                                        **{argument: -5})
+
+
+def test_heartbeat_timeout_zero_turns_the_check_off():
+    storage = zeo.ClientStorage.ClientStorage(
+        ("127.0.0.1", 1), wait=False, heartbeat_timeout=0)
+    try:
+        assert storage._link.heartbeat_timeout is None
+    finally:
+        storage.close()
 
 
 def test_unreachable_server_fails_after_wait_timeout():

@@ -46,7 +46,8 @@ from zeo.client.cache_file import FileClientCache, cache_file_path
 from zeo.client.connection import DEFAULT_BUSY_POLL
 from zeo.client.iterator import IteratorGarbage, TransactionIterator
 from zeo.client.manager import (
-    CONNECT_TIMEOUT, ConnectionManager, RetryPolicy, normalize_addresses)
+    CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ConnectionManager,
+    RetryPolicy, normalize_addresses)
 from zeo.client.trace import open_tracer, trace_path
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,14 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
     environment variable traces a persistent cache to its file name plus
     ``.trace``).  `wait` makes the constructor connect before returning,
     for up to `wait_timeout` seconds (30 when None); otherwise it
-    connects in the background, retrying every `min_disconnect_poll`
-    seconds, doubling up to `max_disconnect_poll`; a lost connection is
-    re-established the same way.  `read_only_fallback` accepts a
+    connects in the background.  A lost connection is retried at once,
+    then after waits growing from `min_disconnect_poll` seconds up to
+    `max_disconnect_poll` (see `zeo.client.manager.RetryPolicy`).
+    `heartbeat_timeout` (seconds; 0 or None: never): a server silent
+    this long (it is pinged after a third of it) is taken for gone: the
+    connection is closed, waiting callers get ClientDisconnected, and
+    the client reconnects, trying its other addresses first.
+    `read_only_fallback` accepts a
     read-only server while it keeps looking for a writable one;
     `server_sync` makes `sync()` a round trip; `client_label` names the
     client in the server's log.
@@ -125,15 +131,20 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
     """
 
     def __init__(self, addr, storage='1', cache_size=20 * 2 ** 20, name='',
-                 client=None, var=None, min_disconnect_poll=5,
+                 client=None, var=None, min_disconnect_poll=0.05,
                  max_disconnect_poll=300, wait=True, wait_timeout=None,
                  read_only=False, read_only_fallback=False, blob_dir=None,
                  shared_blob_dir=False, blob_cache_size=None,
                  blob_cache_size_check=10, server_sync=False,
                  client_label=None, drop_cache_rather_verify=False,
-                 cache_trace=None, busy_poll=DEFAULT_BUSY_POLL, **ignored):
+                 cache_trace=None, busy_poll=DEFAULT_BUSY_POLL,
+                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT, **ignored):
         if busy_poll < 0:
             raise ClientStorageError("busy_poll cannot be negative")
+        if heartbeat_timeout is not None and heartbeat_timeout < 0:
+            raise ClientStorageError("heartbeat_timeout cannot be negative")
+        # Checked before the cache file is opened (and locked).
+        retry = RetryPolicy(min_disconnect_poll, max_disconnect_poll)
         if ignored:
             logger.debug("ignoring ClientStorage options %s", sorted(ignored))
         addresses = normalize_addresses(addr)
@@ -180,8 +191,9 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
             addresses, storage, _ServerEvents(self),
             read_only=self._read_only, read_only_fallback=read_only_fallback,
             client_label=client_label,
-            retry=RetryPolicy(min_disconnect_poll, max_disconnect_poll),
-            name=name or str(addresses[0]), busy_poll=busy_poll)
+            retry=retry,
+            name=name or str(addresses[0]), busy_poll=busy_poll,
+            heartbeat_timeout=heartbeat_timeout)
         try:
             self._link.connect(wait, DEFAULT_WAIT_TIMEOUT
                                if wait_timeout is None else wait_timeout)

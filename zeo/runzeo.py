@@ -33,6 +33,7 @@ from zeo.command_line import (
 from zeo.server import StorageServer, busy_poll
 from zeo.server.limits import NetworkLimits
 from zeo.server.metrics import import_prometheus_client
+from zeo.server.server import DEFAULT_TCP_KEEPALIVE
 from zeo.server.unix_socket import remove_stale_socket
 from zeo.server_options import seconds, whole_number
 
@@ -158,6 +159,7 @@ class ServerOptions:
     client_conflict_resolution: bool = False
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
+    tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE
     eventlog: typing.Optional[typing.Callable] = None
     limits: NetworkLimits = dataclasses.field(default_factory=NetworkLimits)
     monitor_allow_remote: bool = False
@@ -325,6 +327,7 @@ def _options_from_config(config):
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
+        tcp_keepalive=section.tcp_keepalive,
         eventlog=config.eventlog,
         limits=server_options.limits_from_config(section),
         monitor_allow_remote=section.monitor_allow_remote,
@@ -400,6 +403,8 @@ def _check_values(options):
             raise ConfigurationError(str(error)) from None
     if options.busy_poll_microseconds < 0:
         raise ConfigurationError("busy-poll cannot be negative")
+    if options.tcp_keepalive < 0:
+        raise ConfigurationError("tcp-keepalive cannot be negative")
     if options.msgpack and not wire.msgpack_available():
         raise ConfigurationError(
             "msgpack is requested but the msgpack package is not installed")
@@ -588,7 +593,8 @@ class ServerRunner:
                     options.slow_transaction_threshold),
                 slow_load_threshold=options.slow_load_threshold,
                 limits=options.limits,
-                busy_poll=options.busy_poll_microseconds * 1e-6)
+                busy_poll=options.busy_poll_microseconds * 1e-6,
+                tcp_keepalive=options.tcp_keepalive)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -31,6 +31,9 @@ class ClientStorageConfig(BaseConfig):
                 "clientstorage: min-disconnect-poll (%s) is larger than "
                 "max-disconnect-poll (%s)" % (config.min_disconnect_poll,
                                               config.max_disconnect_poll))
+        if config.heartbeat_timeout < 0:
+            raise ZConfig.ConfigurationError(
+                "clientstorage: heartbeat-timeout cannot be negative")
         if config.busy_poll < 0:
             raise ZConfig.ConfigurationError(
                 "clientstorage: busy-poll cannot be negative")
@@ -64,4 +67,5 @@ class ClientStorageConfig(BaseConfig):
             drop_cache_rather_verify=config.drop_cache_rather_verify,
             cache_trace=config.cache_trace,
             busy_poll=config.busy_poll,
+            heartbeat_timeout=config.heartbeat_timeout,
         )

@@ -225,6 +225,8 @@ class Connection:
         #: Seconds a lone leader polls before sleeping (0: never).
         self._poll_window = busy_poll / 1e6 if _CAN_POLL else 0
         self._replies_quick = True  # the last led reply came within it
+        #: When bytes last came from the server (time.monotonic()).
+        self._last_received = time.monotonic()
         if hasattr(select, "epoll"):
             self._readiness = _Readiness(sock)
             self._lead = self._lead_reading
@@ -260,6 +262,10 @@ class Connection:
     @property
     def closed(self):
         return self._closed
+
+    def silence(self):
+        """Seconds since the server last sent anything."""
+        return time.monotonic() - self._last_received
 
     # -- calls --------------------------------------------------------------
 
@@ -456,6 +462,7 @@ class Connection:
         stream."""
         if not data:
             return False
+        self._last_received = time.monotonic()
         self._inbox.extend(self._frames.feed(data))
         self._apply_inbox()
         return True
@@ -555,12 +562,13 @@ class Connection:
 
     # -- closing --------------------------------------------------------------
 
-    def close(self, timeout=10):
-        """End the connection; waiting callers get ClientDisconnected.
-        Idempotent; joins the reader thread unless called from it."""
+    def close(self, timeout=10, reason="closed by the client"):
+        """End the connection; waiting callers get ClientDisconnected,
+        which gives `reason`.  Idempotent; joins the reader thread unless
+        called from it."""
         with self._state_lock:
             if not self._closed:
-                self._close_reason = "closed by the client"
+                self._close_reason = reason
             self._closed = True
         self._shutdown()
         if self._thread is not threading.current_thread() and \

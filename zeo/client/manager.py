@@ -8,18 +8,30 @@ verify its cache, and only then publishes the connection for calls.  It
 also sends the heartbeat.
 
 One background thread, the connector, does all the connecting: the first
-connection, reconnecting after a lost one (trying every address, waiting
-longer after each round that fails, as `RetryPolicy` says), and, while a
-read-only-fallback client is on a read-only server, looking for a
-writable server to switch to.  Callers never wait for a connection that
-is not there: every call made while disconnected raises
-`ClientDisconnected` at once.  The storage only hears `verify(...)`,
-`connected(...)` and `disconnected()`.
+connection, reconnecting after a lost one (at once, then trying every
+address in rounds, waiting longer after each round that fails, as
+`RetryPolicy` says), and, while a read-only-fallback client is on a
+read-only server, looking for a writable server to switch to.  Callers
+never wait for a connection that is not there: every call made while
+disconnected raises `ClientDisconnected` at once.  The storage only
+hears `verify(...)`, `connected(...)` and `disconnected()`.
+
+A server can also vanish without closing the connection (a network
+partition, a host that lost power): nothing arrives any more, and a
+caller waiting for a reply would wait forever.  With a
+`heartbeat_timeout`, the heartbeat thread pings a server it has not
+heard from for a third of that time, and the connector, which has
+nothing else to do while connected, closes a connection that stayed
+silent for the whole timeout.  Closing it wakes every caller with
+`ClientDisconnected` (also one blocked sending into a full socket) and
+starts the reconnection, which tries the other addresses first.
 """
 
 import logging
+import math
 import random
 import threading
+import time
 
 from ZODB.POSException import ReadOnlyError
 
@@ -30,8 +42,16 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between heartbeats on an idle or busy connection (PROTOCOL.md 3.8).
 HEARTBEAT_INTERVAL = 60
-#: Seconds allowed for the TCP connect and the server's greeting.
+#: Seconds allowed for the TCP connect and the server's greeting (less
+#: when the heartbeat timeout is shorter), and for each registration call.
 CONNECT_TIMEOUT = 10
+#: Seconds of silence from the server after which the connection is
+#: given up by default (ClientStorage's `heartbeat_timeout`).
+DEFAULT_HEARTBEAT_TIMEOUT = 60
+#: How many times per heartbeat timeout the connector looks at how long
+#: the server has been silent: a silent server is noticed within 1.25
+#: timeouts of the last byte it sent.
+_CHECKS_PER_TIMEOUT = 4
 
 
 def normalize_addresses(addr):
@@ -64,10 +84,20 @@ def _one_address(addr):
 
 
 class RetryPolicy:
-    """How long to wait between connection attempts: from `minimum`
-    seconds, doubling up to `maximum`, with up to 10% random jitter."""
+    """How long to wait between rounds of connection attempts.
 
-    def __init__(self, minimum=5, maximum=300):
+    The delay starts at `minimum` seconds and grows by a fifth after each
+    failed round, up to `maximum`; each wait is drawn at random between
+    half and all of the delay.  Growing slowly keeps every wait under a
+    fifth of how long the server has been away (plus `minimum`), so a
+    restarted server is found soon after it listens again; the jitter
+    spreads out the clients that lost the same server at the same
+    moment, so they do not all come back in step.
+    """
+
+    GROWTH = 1.2
+
+    def __init__(self, minimum=0.05, maximum=300):
         if minimum <= 0 or maximum < minimum:
             raise ValueError("need 0 < min_disconnect_poll <= "
                              "max_disconnect_poll, got %r and %r"
@@ -78,8 +108,8 @@ class RetryPolicy:
     def delays(self):
         delay = self.minimum
         while True:
-            yield delay * (1 + random.random() / 10)
-            delay = min(delay * 2, self.maximum)
+            yield delay * random.uniform(0.5, 1.0)
+            delay = min(delay * self.GROWTH, self.maximum)
 
 
 class ConnectionManager:
@@ -91,11 +121,17 @@ class ConnectionManager:
     now known to be current; invalidations are held until then),
     `connected(info, read_only)` once the connection is usable, and
     `disconnected()` when a published connection is lost.
+
+    `heartbeat_timeout` (seconds; None or 0: never) is how long the
+    server may stay silent before the connection is given up.
     """
 
     def __init__(self, addresses, storage_name, client, read_only=False,
                  read_only_fallback=False, client_label=None,
-                 retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL):
+                 retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL,
+                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT):
+        if heartbeat_timeout is not None and heartbeat_timeout < 0:
+            raise ValueError("heartbeat_timeout cannot be negative")
         self.addresses = list(addresses)
         self.storage_name = storage_name
         self.read_only = read_only
@@ -104,6 +140,9 @@ class ConnectionManager:
         self.retry = retry or RetryPolicy()
         self.name = name
         self.busy_poll = busy_poll
+        self.heartbeat_timeout = heartbeat_timeout or None
+        self._connect_timeout = min(CONNECT_TIMEOUT,
+                                    self.heartbeat_timeout or CONNECT_TIMEOUT)
         self._client = client
         self._lock = threading.Lock()  # _connection, _pending, read-only
         self._connection = None
@@ -113,6 +152,9 @@ class ConnectionManager:
         #: Set when the connector has something new to look at: the
         #: published connection was lost, or the client is closing.
         self._wake = threading.Event()
+        #: The address of the last published connection that was lost:
+        #: the next round tries it last.
+        self._lost_address = None
         #: Set whenever a connection has been published.
         self._ready = threading.Event()
         self._last_error = None
@@ -175,24 +217,56 @@ class ConnectionManager:
                 new_goal, found = "writable", self._try_addresses(True)
             else:
                 goal = None
-                self._wake.wait()
+                self._pause()
                 continue
             if found:
                 continue
             if new_goal != goal:
                 goal, delays = new_goal, self.retry.delays()
-            self._wake.wait(next(delays))
+            self._pause(next(delays))
+
+    def _pause(self, seconds=math.inf):
+        """Wait `seconds`, or less if woken (a lost connection, close());
+        meanwhile, give up on a connection whose server has been silent
+        for the heartbeat timeout."""
+        deadline = time.monotonic() + seconds
+        period = math.inf
+        if self.heartbeat_timeout is not None:
+            period = self.heartbeat_timeout / _CHECKS_PER_TIMEOUT
+        while True:
+            step = min(deadline - time.monotonic(), period)
+            if step <= 0 or self._wake.wait(
+                    None if step == math.inf else step):
+                return
+            self._give_up_if_silent()
+
+    def _give_up_if_silent(self):
+        """Close the connection if its server has been silent for the
+        heartbeat timeout (its loss then wakes the connector)."""
+        timeout = self.heartbeat_timeout
+        connection = self._connection
+        if timeout is not None and connection is not None \
+                and connection.silence() >= timeout:
+            reason = "no word from the server for %s seconds" % timeout
+            logger.warning("(%s) %s; reconnecting", connection.label, reason)
+            connection.close(reason=reason)
 
     def _try_addresses(self, writable_only):
         """Try each address in turn; True once one is registered.
 
+        The address of the connection just lost comes last, so that a
+        client whose server vanished fails over to another one at once.
         With `writable_only` (a read-only-fallback client looking for a
         better server) the address in use is skipped and a read-only
         answer counts as a failure.
         """
         current = self._connection
+        addresses = list(self.addresses)
+        if self._lost_address in addresses:
+            addresses.remove(self._lost_address)
+            addresses.append(self._lost_address)
         try:
-            for address in list(self.addresses):
+            for address in addresses:
                 if self._closed.is_set():
                     return False
                 if writable_only and current is not None \
@@ -210,7 +284,7 @@ class ConnectionManager:
         try:
             connection = Connection.open(
                 address, self._client, self._connection_closed,
-                CONNECT_TIMEOUT, self.busy_poll)
+                self._connect_timeout, self.busy_poll)
         except Exception as error:
             self._last_error = "%s: %s" % (address, error)
             logger.info("cannot connect to %s", self._last_error)
@@ -283,18 +357,36 @@ class ConnectionManager:
             if connection is not self._connection:
                 return
             self._connection = None
+            self._lost_address = connection.address
         self._client.disconnected()
         self._wake.set()
 
     # -- the heartbeat --------------------------------------------------------
 
     def _heartbeat_loop(self):
-        while not self._closed.wait(HEARTBEAT_INTERVAL):
+        """Send the one-way heartbeat every HEARTBEAT_INTERVAL seconds;
+        with a heartbeat timeout, also a `ping` (whose reply the server
+        must send) when the server has been silent for a third of it and
+        the last ping was answered.  A send may block on a server that
+        went silent; the connector (`_pause`) then closes the connection,
+        which ends the send."""
+        pinging = self.heartbeat_timeout is not None
+        period = HEARTBEAT_INTERVAL
+        if pinging:
+            period = min(period, self.heartbeat_timeout / 3)
+        last_beat = time.monotonic()
+        ping = None
+        while not self._closed.wait(period):
             connection = self._connection
             if connection is None:
                 continue
             try:
-                connection.heartbeat()
+                if pinging and connection.silence() >= period \
+                        and (ping is None or ping.finished):
+                    ping = connection.send_call("ping", ())
+                if time.monotonic() - last_beat >= HEARTBEAT_INTERVAL:
+                    last_beat = time.monotonic()
+                    connection.heartbeat()
             except ClientDisconnected:
                 pass
 

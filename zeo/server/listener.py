@@ -3,9 +3,10 @@
 The standard library's threading servers do the accepting; we override
 what they leave unsaid: threads get names, TCP sockets get TCP_NODELAY
 (the protocol mixes one-way and two-way messages, and Nagle's algorithm
-would add delayed-ACK stalls), every live connection is tracked so
-shutdown can close and join them, a connection past max-connections is
-closed before it costs a thread, and a Unix socket file gets socket-mode.
+would add delayed-ACK stalls) and short TCP keepalive (see
+`set_keepalive`), every live connection is tracked so shutdown can close
+and join them, a connection past max-connections is closed before it
+costs a thread, and a Unix socket file gets socket-mode.
 """
 
 import logging
@@ -46,6 +47,7 @@ class _ConnectionTracking:
         if isinstance(request, socket.socket) and \
                 request.family in (socket.AF_INET, socket.AF_INET6):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_keepalive(request, self.zeo_server.tcp_keepalive)
         connection = ServerConnection(request, client_address, self.zeo_server)
         thread = threading.Thread(
             target=self._run_connection, args=(connection,),
@@ -112,6 +114,30 @@ class UnixListener(_ConnectionTracking, socketserver.UnixStreamServer):
             os.unlink(self.server_address)
         except OSError:
             pass
+
+
+def set_keepalive(sock, seconds):
+    """Drop the connection once its peer has acknowledged nothing for
+    about `seconds` (None or 0: leave the system's settings).
+
+    A client whose host died or whose network was cut sends no FIN: the
+    connection would hold its thread, memory and any transaction until
+    the system's keepalive (two hours and more) or retransmission limits
+    (about fifteen minutes) gave up.  Here keepalive probes start after
+    half the time of silence and three unanswered ones, a sixth of it
+    apart, end the connection; TCP_USER_TIMEOUT gives data the peer
+    never acknowledges the same bound.  Where the options do not exist
+    (not Linux), plain SO_KEEPALIVE is all we set.
+    """
+    if not seconds:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", max(1, round(seconds / 2))),
+                        ("TCP_KEEPINTVL", max(1, round(seconds / 6))),
+                        ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", int(seconds * 1000))):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def make_listener(address, server):

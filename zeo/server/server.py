@@ -14,6 +14,9 @@ from zeo.server.storage import ServedStorage
 
 logger = logging.getLogger("zeo.server")
 
+#: Seconds (the `tcp-keepalive` key's default).
+DEFAULT_TCP_KEEPALIVE = 60
+
 
 class StorageServer:
     """Serves named ZODB storages to ZEO clients.
@@ -32,7 +35,8 @@ class StorageServer:
                  msgpack=None, monitor_address=None,
                  outbox_limit=DEFAULT_OUTBOX_LIMIT, limits=None,
                  busy_poll=DEFAULT_WINDOW, metrics_address=None,
-                 slow_transaction_threshold=None, slow_load_threshold=None):
+                 slow_transaction_threshold=None, slow_load_threshold=None,
+                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -47,6 +51,9 @@ class StorageServer:
         self.transaction_timeout = transaction_timeout
         self.slow_log = SlowLog(slow_transaction_threshold,
                                 slow_load_threshold)
+        #: Seconds after which a TCP client that acknowledges nothing is
+        #: dropped (see `zeo.server.listener.set_keepalive`).
+        self.tcp_keepalive = tcp_keepalive
         self.storages = {}
         for name, storage in storages.items():
             served = ServedStorage(
