@@ -46,10 +46,11 @@ def configure(eventlog):
 
 
 def reopenable_handlers():
-    """Every handler of every logger that can reopen its file.
+    """Every file handler of every logger that can reopen its file.
 
     ZConfig's file handlers have a ``reopen`` method; so are they found,
-    whichever logger a configuration attached them to.
+    whichever logger a configuration attached them to.  A plain
+    `logging.FileHandler` (no ``reopen``) is left alone, as ZConfig does.
     """
     loggers = [logging.getLogger()] + [
         candidate for candidate in
@@ -58,7 +59,8 @@ def reopenable_handlers():
     handlers = []
     for each in loggers:
         for handler in list(each.handlers):
-            if callable(getattr(handler, "reopen", None)) \
+            if isinstance(handler, logging.FileHandler) \
+                    and callable(getattr(handler, "reopen", None)) \
                     and handler not in handlers:
                 handlers.append(handler)
     return handlers
