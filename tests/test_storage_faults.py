@@ -21,6 +21,7 @@ committer; ZODB's fstest checks the file.
 
 import os
 import resource
+import types
 
 import pytest
 from ZODB.FileStorage import FileStorage
@@ -112,95 +113,109 @@ def start_server(directory):
     return server
 
 
+def assert_commit_fails(client, database, text, fragments, after_vote=None):
+    """Changing the tested object must fail with a StorageError whose
+    message has each of `fragments` and the system's reason (EFBIG)."""
+    with pytest.raises(StorageError) as failure:
+        commit_objects(client, {database.oid: (
+            database.last_tid, value(text))}, after_vote=after_vote)
+    for fragment in fragments + ("File too large",):
+        assert fragment in str(failure.value)
+
+
 def storage_report(server):
     return parse_report(read_report(server.monitor_address))[1]["1"]
 
 
-def test_vote_failing_to_write_commits_nothing_and_space_back_heals(
-        tmp, committer, clients):
+@pytest.fixture
+def scene(tmp, committer, clients):
+    """A server, the committer, another client of ours, and the objects
+    committed before the failure.  The server is stopped after the test
+    unless the test stopped it (to look at its log and file)."""
     server = start_server(tmp)
     try:
         writer = committer(server)
-        other = clients(server.address)
-        database = Database(server, writer)
-        limit_file_size(server, database.size + 100)
-        with pytest.raises(StorageError) as failure:
-            commit_objects(writer, {database.oid: (
-                database.last_tid, value("lost " + "y" * 1000))})
-        message = str(failure.value)
-        assert "storage 1 could not write the transaction" in message
-        assert "File too large" in message
-        assert "nothing was committed" in message
-        # Loads go on, from a client with an empty cache too.
-        database.assert_loads(other)
-        database.assert_loads(clients(server.address))
-        assert "Commit lock held" not in storage_report(server)
-
-        # Part of the transaction is on disk, the rest in FileStorage's
-        # buffer; the server cuts both off as soon as it can write.
-        wait_until(lambda: "cannot cut a failed write off yet" in server.log,
-                   message="the log line about the failed write")
-
-        lift_file_size_limit(server)
-        # No restart: the lock is free and both clients commit again.
-        first = commit_objects(writer, {database.oid: (
-            database.last_tid, value("first after"))})
-        wait_until(lambda: "a failed write was cut off" in server.log,
-                   message="the log line about the cut")
-        data = value("second after")
-        second = commit_objects(other, {database.oid: (first, data)})
-        wait_until(lambda: load_current(writer, database.oid) == (
-            data, second), message="the committer seeing the other commit")
-        check(database.path)
+        yield types.SimpleNamespace(
+            server=server, writer=writer, other=clients(server.address),
+            database=Database(server, writer))
     finally:
-        lift_file_size_limit(server)
-        assert server.stop() == 0
+        if server.process.poll() is None:
+            lift_file_size_limit(server)
+            assert server.stop() == 0
+
+
+def stop(server):
+    lift_file_size_limit(server)
+    assert server.stop() == 0
+
+
+def test_vote_failing_to_write_commits_nothing_and_space_back_heals(
+        scene, clients):
+    server, writer, other, database = (
+        scene.server, scene.writer, scene.other, scene.database)
+    limit_file_size(server, database.size + 100)
+    assert_commit_fails(writer, database, "lost " + "y" * 1000, (
+        "storage 1 could not write the transaction",
+        "nothing was committed"))
+    # Loads go on, from a client with an empty cache too.
+    database.assert_loads(other)
+    database.assert_loads(clients(server.address))
+    assert "Commit lock held" not in storage_report(server)
+    # Part of the transaction is on disk, the rest in FileStorage's
+    # buffer; the server cuts both off as soon as it can write.
+    wait_until(lambda: "cannot cut a failed write off yet" in server.log,
+               message="the log line about the failed write")
+
+    lift_file_size_limit(server)
+    # No restart: the lock is free and both clients commit again.
+    first = commit_objects(writer, {database.oid: (
+        database.last_tid, value("first after"))})
+    wait_until(lambda: "a failed write was cut off" in server.log,
+               message="the log line about the cut")
+    data = value("second after")
+    second = commit_objects(other, {database.oid: (first, data)})
+    wait_until(lambda: load_current(writer, database.oid) == (data, second),
+               message="the committer seeing the other commit")
+    check(database.path)
+    stop(server)
     assert "CRITICAL" not in server.log
     database.assert_intact_after(second, data)
 
 
 def test_finish_failing_after_the_vote_stops_commits_until_a_restart(
-        tmp, committer, clients):
-    server = start_server(tmp)
-    try:
-        writer = committer(server)
-        other = clients(server.address)
-        database = Database(server, writer)
-        with pytest.raises(StorageError) as failure:
-            commit_objects(
-                writer, {database.oid: (database.last_tid, value("lost"))},
-                after_vote=lambda: limit_file_size(server, database.size))
-        message = str(failure.value)
-        assert "failed after the vote" in message
-        assert "File too large" in message
-        assert "may or may not be committed" in message
-        lift_file_size_limit(server)
+        scene, committer, clients, tmp):
+    server, writer, other, database = (
+        scene.server, scene.writer, scene.other, scene.database)
+    assert_commit_fails(
+        writer, database, "lost",
+        ("storage 1: the transaction failed after the vote",
+         "may or may not be committed"),
+        after_vote=lambda: limit_file_size(server, database.size))
+    lift_file_size_limit(server)
 
-        # Every later commit is refused at once (the lock was released),
-        # from the committer and from anyone else, space back or not.
-        # (The real ZEO client reconnects after a failed tpc_finish.)
-        wait_until(writer.is_connected, message="the committer connected")
-        for client in (writer, other):
-            with pytest.raises(StorageError, match="refuses commits"):
-                commit_objects(client, {database.oid: (
-                    database.last_tid, value("refused"))})
-        database.assert_loads(other)
-        database.assert_loads(clients(server.address))
-        report = storage_report(server)
-        assert "a voted transaction failed to finish" in (
-            report["Refusing commits"])
-        assert "Commit lock held" not in report
-        wait_until(lambda: "CRITICAL zeo.server.storage storage 1: a voted "
-                   "transaction failed to finish" in server.log,
-                   message="the CRITICAL log line")
-        # Before the failed transaction the file is intact; the failed one
-        # is left unfinished, exactly what fstest reports.
-        with pytest.raises(FormatError, match="checkpoint flag was not "
-                           "cleared at %d$" % database.size):
-            check(database.path)
-    finally:
-        lift_file_size_limit(server)
-        assert server.stop() == 0
+    # Every later commit is refused at once (the lock was released),
+    # from the committer and from anyone else, space back or not.
+    # (The real ZEO client reconnects after a failed tpc_finish.)
+    wait_until(writer.is_connected, message="the committer connected")
+    for client in (writer, other):
+        with pytest.raises(StorageError, match="refuses commits"):
+            commit_objects(client, {database.oid: (
+                database.last_tid, value("refused"))})
+    database.assert_loads(other)
+    database.assert_loads(clients(server.address))
+    report = storage_report(server)
+    assert "a voted transaction failed to finish" in (
+        report["Refusing commits"])
+    assert "Commit lock held" not in report
+    wait_until(lambda: "CRITICAL zeo.server.storage storage 1: a voted "
+               "transaction failed to finish" in server.log,
+               message="the CRITICAL log line")
+    # Before the failed transaction the file is intact; the failed one
+    # is left unfinished, exactly what fstest reports.
+    with pytest.raises(FormatError, match="checkpoint flag was not "
+                       "cleared at %d$" % database.size):
+        check(database.path)
+    stop(server)
 
     # The operator restarts the server: FileStorage drops the unfinished
     # transaction on opening, and commits work again.
@@ -214,5 +229,5 @@ def test_finish_failing_after_the_vote_stops_commits_until_a_restart(
             database.last_tid, data)})
         assert "Refusing commits" not in storage_report(server)
     finally:
-        assert server.stop() == 0
+        stop(server)
     database.assert_intact_after(tid, data)
