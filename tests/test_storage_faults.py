@@ -31,7 +31,8 @@ from ZODB.tests.MinPO import MinPO
 from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import load_current, z64
 
-from server_process import temporary_directory
+from server_process import free_port, temporary_directory
+from test_metrics import scrape, storage_value
 from test_monitor import parse_report, read_report, start_monitored_server
 from test_zeo_client_interop import commit_objects, wait_until
 
@@ -108,9 +109,19 @@ class Database:
 
 
 def start_server(directory):
-    server = start_monitored_server(directory)
+    """Our server on `directory`/Data-1.fs, with a monitor and metrics."""
+    port = free_port()
+    server = start_monitored_server(
+        directory, options="metrics-address 127.0.0.1:%d" % port)
+    server.metrics_url = "http://127.0.0.1:%d/metrics" % port
     server.data_path = os.path.join(directory, "Data-1.fs")
     return server
+
+
+def refusing_commits(server):
+    """The monitor's and the metrics' word on refusing commits."""
+    return (storage_report(server).get("Refusing commits"),
+            storage_value(scrape(server), "zeo_refusing_commits"))
 
 
 def assert_commit_fails(client, database, text, fragments, after_vote=None):
@@ -161,6 +172,7 @@ def test_vote_failing_to_write_commits_nothing_and_space_back_heals(
     database.assert_loads(other)
     database.assert_loads(clients(server.address))
     assert "Commit lock held" not in storage_report(server)
+    assert refusing_commits(server) == (None, 0)
     # Part of the transaction is on disk, the rest in FileStorage's
     # buffer; the server cuts both off as soon as it can write.
     wait_until(lambda: "cannot cut a failed write off yet" in server.log,
@@ -203,10 +215,10 @@ def test_finish_failing_after_the_vote_stops_commits_until_a_restart(
                 database.last_tid, value("refused"))})
     database.assert_loads(other)
     database.assert_loads(clients(server.address))
-    report = storage_report(server)
-    assert "a voted transaction failed to finish" in (
-        report["Refusing commits"])
-    assert "Commit lock held" not in report
+    assert "Commit lock held" not in storage_report(server)
+    report_line, metric = refusing_commits(server)
+    assert "a voted transaction failed to finish" in report_line
+    assert metric == 1
     wait_until(lambda: "CRITICAL zeo.server.storage storage 1: a voted "
                "transaction failed to finish" in server.log,
                message="the CRITICAL log line")
@@ -227,7 +239,7 @@ def test_finish_failing_after_the_vote_stops_commits_until_a_restart(
         data = value("after the restart")
         tid = commit_objects(restarted, {database.oid: (
             database.last_tid, data)})
-        assert "Refusing commits" not in storage_report(server)
+        assert refusing_commits(server) == (None, 0)
     finally:
         stop(server)
     database.assert_intact_after(tid, data)
