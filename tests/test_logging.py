@@ -5,17 +5,21 @@ configuration file into files of a temporary directory; protocol
 activity comes from raw clients, so the expected lines are known.
 """
 
+import logging
 import os
 import signal
+import threading
 import time
 
 import pytest
+from ZConfig.components.logger.loghandler import FileHandler
 from ZODB.tests.MinPO import MinPO
 from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import z64
 
 from raw_client import RawClient, ruok
 from server_process import ServerProcess, temporary_directory
+from zeo.logfiles import reopen_log_files
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,6 +152,99 @@ def test_sigusr2_after_rotation_logs_into_a_new_file(tmp):
     assert "listening on" in old_text
     assert peer not in old_text
     assert "reopened" not in old_text
+
+
+def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(tmp):
+    """SIGUSR2 with a directory where the new log file should go.
+
+    ZConfig's reopen closes the old stream before opening the new one:
+    the open failed, the error ended the signal loop and the server
+    stopped.  Now the old file stays in use, the error is logged, and
+    the next SIGUSR2, once the path is free, switches.
+    """
+    log_path = os.path.join(tmp, "zeo.log")
+    server = start_server(tmp, (
+        "  <logfile>\n    path %s\n    format %%(levelname)s %%(message)s\n"
+        "  </logfile>" % log_path))
+    try:
+        os.rename(log_path, log_path + ".1")
+        os.mkdir(log_path)
+        server.signal(signal.SIGUSR2)
+        wait_for_line(log_path + ".1", "cannot reopen the log file %s"
+                      % log_path)
+        wait_for_line(log_path + ".1", "reopened the log files (0 switched)")
+        with RawClient(server.address) as client:
+            client.handshake()
+            client.register("1", True)
+            peer = "127.0.0.1:%d" % client.sock.getsockname()[1]
+        wait_for_line(log_path + ".1", "(%s) disconnected" % peer)
+        os.rmdir(log_path)
+        server.signal(signal.SIGUSR2)
+        wait_for_line(log_path, "reopened the log files (1 switched)")
+    finally:
+        assert server.stop() == 0
+    assert "INFO stopped" in read_lines(log_path)
+
+
+@pytest.fixture
+def two_log_files(tmp):
+    """A logger writing each line to two ZConfig log files, like a
+    DEBUG and an INFO log; detached and closed after the test."""
+    paths = [os.path.join(tmp, name) for name in ("debug.log", "info.log")]
+    log = logging.getLogger("zeo.tests.two_log_files")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handlers = [FileHandler(path) for path in paths]
+    for handler in handlers:
+        log.addHandler(handler)
+    yield log, handlers, paths
+    for handler in handlers:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def test_reopen_switches_every_log_file_at_once(two_log_files):
+    """A line logged while SIGUSR2 reopens the files goes into all the
+    old files or all the new ones, never into some of each.
+
+    Why this catches the race: the hook runs when the reopen asks for the
+    second handler's lock, after the first handler may have switched and
+    before the second has.  There it logs a line from another thread, as
+    a connection thread logs ``connected``, and waits for that line to be
+    written (at most 2 s).  ZConfig's reopenFiles switches one handler at
+    a time, each under its own lock, so the line is written at once: into
+    the first handler's new file and the second handler's renamed old
+    one, although the new file already exists.  With every lock held
+    through the switch, the line waits and then goes into both new files.
+    The interleaving is forced, not left to chance.
+    """
+    log, (first, second), paths = two_log_files
+    log.info("before the rotation")
+    for path in paths:
+        os.rename(path, path + ".1")
+    racer = threading.Thread(target=log.info, args=("racing line",),
+                             name="racing-logger")
+    reopening = threading.current_thread()
+    real_acquire = second.acquire
+
+    def acquire_after_a_racing_line():
+        if threading.current_thread() is reopening and not racer.is_alive() \
+                and racer.ident is None:
+            racer.start()
+            racer.join(2)
+        real_acquire()
+
+    second.acquire = acquire_after_a_racing_line
+    try:
+        reopen_log_files()
+    finally:
+        del second.acquire
+    racer.join(10)
+    assert not racer.is_alive()
+    log.info("after the rotation")
+    for path in paths:
+        assert read_lines(path + ".1") == ["before the rotation"]
+        assert read_lines(path) == ["racing line", "after the rotation"]
 
 
 def test_without_eventlog_the_log_goes_to_standard_error(tmp):

@@ -61,8 +61,12 @@ def open_connection(db):
 
 
 def commit_objects(storage, objects, description="", user="",
-                   extension=None):
-    """Commit `objects` ({oid: (serial, data)}) with the storage API."""
+                   extension=None, after_vote=None):
+    """Commit `objects` ({oid: (serial, data)}) with the storage API.
+
+    `after_vote`, if given, is called between a successful vote and
+    tpc_finish (to make the server's storage fail there).
+    """
     meta = TransactionMetaData(user=user, description=description,
                                extension=extension or {})
     storage.tpc_begin(meta)
@@ -73,6 +77,8 @@ def commit_objects(storage, objects, description="", user="",
     except BaseException:
         storage.tpc_abort(meta)
         raise
+    if after_vote is not None:
+        after_vote()
     return storage.tpc_finish(meta)
 
 

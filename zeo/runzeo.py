@@ -2,8 +2,8 @@
 
 This module turns a command line and an optional ZConfig file (described by
 ``schema.xml`` beside it) into a running `zeo.server.StorageServer`, and
-owns everything about the process around it: logging set-up, the PID file,
-signals and the exit status.
+owns everything about the process around it: logging (through
+`zeo.logfiles`), the PID file, signals and the exit status.
 
 A configuration the user must fix (a missing or malformed value, a storage
 that cannot be opened, an address already in use) is reported as a single
@@ -23,11 +23,10 @@ import threading
 import typing
 
 import ZConfig
-import ZConfig.components.logger.loghandler
 import ZConfig.datatypes
 import ZODB.FileStorage
 
-from zeo import server_options, wire
+from zeo import logfiles, server_options, wire
 from zeo.command_line import (
     DISTRIBUTION, add_version_option, distribution_version, program_name)
 from zeo.server import StorageServer, busy_poll
@@ -43,7 +42,6 @@ logger = logging.getLogger("zeo.runzeo")
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "schema.xml")
 DEFAULT_STORAGE_NAME = "1"
-DEFAULT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 #: Exit statuses.  SIGHUP exits with STOPPED_FOR_RESTART so that a process
 #: supervisor that restarts on failure brings the server back up.
@@ -415,20 +413,6 @@ def _check_values(options):
         raise ConfigurationError(str(error)) from None
 
 
-def configure_logging(options):
-    """Log as the <eventlog> section says, or INFO and above to stderr."""
-    if options.eventlog is not None:
-        try:
-            options.eventlog()
-        except OSError as error:
-            raise ConfigurationError(
-                "cannot open a log file: %s" % error) from None
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(DEFAULT_LOG_FORMAT))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
 
 
 def prepare_unix_socket(path):
@@ -530,7 +514,11 @@ class ServerRunner:
             self._signals.close()
 
     def _run(self):
-        configure_logging(self.options)
+        try:
+            logfiles.configure(self.options.eventlog)
+        except OSError as error:
+            raise ConfigurationError(
+                "cannot open a log file: %s" % error) from None
         self._install_signal_handlers()
         logger.info("%s %s starting (pid %d)", DISTRIBUTION,
                     distribution_version(), os.getpid())
@@ -651,8 +639,8 @@ class ServerRunner:
                     logger.error("the server stopped serving unexpectedly")
                 return EXIT_STOPPED_FOR_RESTART
             if number == signal.SIGUSR2:
-                ZConfig.components.logger.loghandler.reopenFiles()
-                logger.info("reopened the log files")
+                logger.info("reopened the log files (%d switched)",
+                            logfiles.reopen_log_files())
                 continue
             logger.info("received %s; stopping",
                         signal.Signals(number).name)

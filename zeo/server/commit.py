@@ -105,6 +105,10 @@ class Buffering:
         """
         if self.refused is not None:
             raise self.refused
+        refusal = served.refused_commit_error()
+        if refusal is not None:
+            raise refusal
+        served.failed_write.cut()
         storage = served.storage
         changed = []  # oids to invalidate
         resolved_or_undone = []  # oids the client must not cache from its data
@@ -143,8 +147,9 @@ class Buffering:
                 if conflicts:
                     storage.tpc_abort(self.metadata)
                     return list(conflicts.values())
-            except BaseException:
-                storage.tpc_abort(self.metadata)
+            except BaseException as error:
+                _abort_keeping_the_error(storage, self.metadata)
+                served.failed_write.after_failed_vote(error)
                 raise
         resolved = [oid for oid in resolved or () if isinstance(oid, bytes)]
         return Voted(self, changed, resolved, resolved_or_undone)
@@ -207,6 +212,22 @@ class Voted:
 
     def close(self):
         self._buffering.close()
+
+
+def _abort_keeping_the_error(storage, metadata):
+    """Abort after a failed replay or vote without hiding why it failed.
+
+    The abort can fail for the same reason the vote did: FileStorage,
+    after a write failed with ENOSPC or EFBIG, may fail again flushing
+    what it buffered (it releases its own commit lock all the same).  The
+    vote's error is the one the client must hear, so the abort's is only
+    logged.
+    """
+    try:
+        storage.tpc_abort(metadata)
+    except Exception:
+        logger.error("tpc_abort after a failed vote failed as well",
+                     exc_info=True)
 
 
 def _unique(oids):

@@ -107,6 +107,11 @@ class ServerCollector:
                 "zeo_last_transaction_age_seconds",
                 "Seconds since the last committed transaction.",
                 labels=["storage"]),
+            "refusing": GaugeMetricFamily(
+                "zeo_refusing_commits",
+                "1 once a voted transaction failed to finish: the storage "
+                "refuses commits until the server is restarted.",
+                labels=["storage"]),
         }
         histograms = {
             "wait": HistogramMetricFamily(
@@ -135,6 +140,8 @@ class ServerCollector:
             gauges["queue"].add_metric([name],
                                        served.invalidation_queue_length)
             gauges["age"].add_metric([name], _age(last_tid, now))
+            gauges["refusing"].add_metric(
+                [name], int(served.commit_refusal is not None))
             for key, times in (("wait", served.commit_lock.wait_times),
                                ("hold", served.commit_lock.hold_times)):
                 buckets, total = times.buckets()

@@ -96,6 +96,11 @@ def storage_block(served, watchdog_status, now):
               "Conflicts: %d" % status["conflicts"],
               "Conflicts resolved: %d" % status["conflicts_resolved"],
               "Waiting for the commit lock: %d" % status["waiting"]]
+    if served.commit_refusal is not None:
+        lines.append("Refusing commits: since %s: %s; restart the server "
+                     "once the storage is checked"
+                     % (time.ctime(served.refusing_since),
+                        served.commit_refusal))
     if blobs.serves_blobs(served.storage):
         counts = served.stats.snapshot(served.stats.BLOB_COUNTERS)
         lines += ["Blobs received: %(blobs_received)d "

@@ -334,6 +334,8 @@ class Session(BlobCalls):
             if isinstance(error, ConflictError):
                 served.stats.add("conflicts")
             self.log_error("vote", error)
+            if isinstance(error, OSError):
+                error = served.could_not_write(error)
             return Reply(error=error,
                          after=self._release_commit_lock(txn, "vote failed"))
         txn.times.mark("voted")
@@ -372,7 +374,9 @@ class Session(BlobCalls):
                 tid, informed = txn.finish(self.served, self)
                 outcome = Reply(tid)
             except Exception as error:
-                self.log_error("tpc_finish", error)
+                # The storage's failure is logged (CRITICAL) where it is
+                # caught, with its traceback.
+                self.log("tpc_finish failed: %s", error, level=logging.ERROR)
                 outcome = Reply(error=error)
             txn.times.mark("finished")
             outcome.after = self._after_commit(txn, informed, outcome)
@@ -436,6 +440,9 @@ class Session(BlobCalls):
 
     def pack(self, t, wait=1):
         served = self.served
+        refusal = served.refused_commit_error()
+        if refusal is not None:
+            raise refusal
         if not served.packing.acquire(blocking=False):
             raise ValueError("storage %s is already being packed"
                              % served.name)

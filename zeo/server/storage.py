@@ -21,9 +21,10 @@ import time
 import ZODB.FileStorage
 import ZODB.MappingStorage
 import ZODB.utils
-from ZODB.POSException import ConflictError
+from ZODB.POSException import ConflictError, StorageError
 
 from zeo.server import blobs
+from zeo.server.failed_writes import FailedWrite
 from zeo.server.timing import TimeHistogram
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,12 @@ class ServedStorage:
         self.after_load_read = None
         self._size_info = None
         self._size_lock = threading.Lock()
+        #: Why commits are refused (set once a tpc_finish failed), and
+        #: since when; None while the storage commits normally.
+        self.commit_refusal = None
+        self.refusing_since = None
+        #: What a vote that failed to write may have left in the file.
+        self.failed_write = FailedWrite(name, storage)
 
     def _fill_invalidation_queue(self):
         last_invalidations = getattr(self.storage, "lastInvalidations", None)
@@ -244,15 +251,72 @@ class ServedStorage:
         """
         tids = []
         with self.publication:
-            with self.access:
-                returned = self.storage.tpc_finish(transaction, tids.append)
-            tid = tids[0] if tids else returned
-            others = [session for session in self.sessions
-                      if session is not committer]
-            self._publish(tid, changed_oids, others)
+            try:
+                with self.access:
+                    returned = self.storage.tpc_finish(transaction,
+                                                       tids.append)
+            except Exception as error:
+                failure = error
+            else:
+                failure = None
+                tid = tids[0] if tids else returned
+                others = [session for session in self.sessions
+                          if session is not committer]
+                self._publish(tid, changed_oids, others)
+        if failure is not None:
+            raise self._refuse_commits(failure) from failure
         self.stats.add("commits")
         self._size_info = None
         return tid, others
+
+    def _refuse_commits(self, failure):
+        """A voted transaction failed to finish: stop committing.
+
+        The storage said yes at vote, so the transaction may be written in
+        part, or in full, or the storage may have closed itself (FileStorage
+        does); ZODB calls its state unknown.  Going on could pile commits on
+        a damaged file, so every later vote is refused until an operator
+        restarts the server, which reopens (and so checks and repairs) the
+        storage.  Loads go on.  Runs before the commit lock is released, so
+        no parked voter slips through.  Returns the committer's error.
+        """
+        # Since first: the monitor reads the two without a lock.
+        self.refusing_since = time.time()
+        self.commit_refusal = (
+            "a voted transaction failed to finish (%s: %s); the storage may "
+            "be in an unknown state" % (type(failure).__name__, failure))
+        logger.critical(
+            "storage %s: %s.  Refusing every commit to it until an operator "
+            "checks the storage and restarts the server; loads go on.",
+            self.name, self.commit_refusal, exc_info=failure)
+        return StorageError(
+            "storage %s: the transaction failed after the vote (%s: %s); it "
+            "may or may not be committed.  The server refuses commits to "
+            "this storage until an operator restarts it."
+            % (self.name, type(failure).__name__, failure))
+
+    def could_not_write(self, error):
+        """The error a client gets when its vote failed on an `OSError`.
+
+        Typically ENOSPC or EFBIG from a full disk or a file-size limit.
+        The vote was aborted, so nothing was written, and commits work
+        again once the storage can write: the message says so, with the
+        system's own words, since a bare OSError would not tell the client
+        whether its transaction is in.
+        """
+        return StorageError(
+            "storage %s could not write the transaction: %s; nothing was "
+            "committed" % (self.name, error))
+
+    def refused_commit_error(self):
+        """The error for a commit (or pack) while commits are refused, or
+        None."""
+        if self.commit_refusal is None:
+            return None
+        return StorageError(
+            "storage %s refuses commits since %s: %s; an operator must "
+            "restart the server" % (self.name, time.ctime(
+                self.refusing_since), self.commit_refusal))
 
     def _publish(self, tid, oids, sessions):
         """Record a commit and queue its invalidation (publication lock
@@ -381,6 +445,10 @@ class ServedStorage:
 
     def close(self):
         with self.access:
+            try:
+                self.failed_write.cut()
+            except OSError:
+                pass  # the next open drops the unfinished transaction
             self.storage.close()
 
 
