@@ -413,8 +413,6 @@ def _check_values(options):
         raise ConfigurationError(str(error)) from None
 
 
-
-
 def prepare_unix_socket(path):
     """Check a Unix socket path before any storage is opened: a stale
     socket file is removed, anything else there is a configuration error
