@@ -28,6 +28,8 @@ setup(
             "msgpack",
             "zdaemon",
             "zope.testing",
+            # TLS tests make their certificates at test time.
+            "cryptography",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.

@@ -160,6 +160,8 @@ class ServerOptions:
     client_conflict_resolution: bool = False
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
+    #: A `zeo.tls.ServerTLS` when the configuration has an <ssl> section.
+    tls: typing.Optional[object] = None
     eventlog: typing.Optional[typing.Callable] = None
 
 
@@ -321,8 +323,21 @@ def _options_from_config(config):
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
+        tls=_tls_or_error(section.ssl),
         eventlog=config.eventlog,
     )
+
+
+def _tls_or_error(section):
+    """The server's TLS from its <ssl> section (None without one); its
+    files are read now, so a bad one stops the start with one line."""
+    if section is None:
+        return None
+    from zeo import tls
+    try:
+        return tls.ServerTLS.from_config(section)
+    except tls.TLSConfigError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def parse_options(argv=None):
@@ -583,7 +598,8 @@ class ServerRunner:
                     options.client_conflict_resolution),
                 msgpack=options.msgpack,
                 monitor_address=options.monitor_address,
-                busy_poll=options.busy_poll_microseconds * 1e-6)
+                busy_poll=options.busy_poll_microseconds * 1e-6,
+                tls=options.tls)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -48,6 +48,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 
@@ -244,11 +245,23 @@ class Connection:
 
     @classmethod
     def open(cls, address, handler, on_close, timeout,
-             busy_poll=DEFAULT_BUSY_POLL):
-        """Connect, handshake and start reading; errors propagate."""
+             busy_poll=DEFAULT_BUSY_POLL, tls=None):
+        """Connect, handshake and start reading; errors propagate.
+
+        With `tls` (a `zeo.tls.ClientTLS`) the socket is TLS first; a
+        server that refuses our certificate says so with an alert in
+        place of its greeting (TLS 1.3), reported as ConnectionError.
+        """
         sock = connect_socket(address, timeout)
         try:
+            if tls is not None:
+                sock = tls.connect(sock, address, timeout)
             codec, reader = handshake(sock, timeout)
+        except ssl.SSLError as error:
+            sock.close()
+            from zeo.tls import describe_failure
+            raise ConnectionError("TLS: %s" % describe_failure(error)) \
+                from None
         except BaseException:
             sock.close()
             raise

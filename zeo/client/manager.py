@@ -95,7 +95,8 @@ class ConnectionManager:
 
     def __init__(self, addresses, storage_name, client, read_only=False,
                  read_only_fallback=False, client_label=None,
-                 retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL):
+                 retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL,
+                 tls=None):
         self.addresses = list(addresses)
         self.storage_name = storage_name
         self.read_only = read_only
@@ -104,6 +105,7 @@ class ConnectionManager:
         self.retry = retry or RetryPolicy()
         self.name = name
         self.busy_poll = busy_poll
+        self.tls = tls  # a zeo.tls.ClientTLS, or None for plain TCP
         self._client = client
         self._lock = threading.Lock()  # _connection, _pending, read-only
         self._connection = None
@@ -210,7 +212,7 @@ class ConnectionManager:
         try:
             connection = Connection.open(
                 address, self._client, self._connection_closed,
-                CONNECT_TIMEOUT, self.busy_poll)
+                CONNECT_TIMEOUT, self.busy_poll, self.tls)
         except Exception as error:
             self._last_error = "%s: %s" % (address, error)
             logger.info("cannot connect to %s", self._last_error)

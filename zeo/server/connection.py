@@ -34,6 +34,10 @@ class ServerConnection:
     """The channel between one client socket and its session."""
 
     def __init__(self, sock, peer, server):
+        #: The server's `zeo.tls.ServerTLS`, or None for plain TCP.
+        self._tls = server.tls
+        if self._tls is not None:
+            sock = self._tls.wrap(sock)  # the handshake runs in `run`
         self.sock = sock
         self.peer = format_peer(peer)
         self.label = self.peer
@@ -118,6 +122,9 @@ class ServerConnection:
     # -- the connection's thread --------------------------------------------
 
     def run(self):
+        if self._tls is not None and not self._start_tls():
+            self._finish(log=False)
+            return
         logger.info("(%s) connected", self.peer)
         try:
             self._serve()
@@ -132,6 +139,33 @@ class ServerConnection:
             logger.exception("(%s) unexpected error; closing", self.label)
         finally:
             self._finish()
+
+    def _start_tls(self):
+        """The TLS handshake, within the server's timeout; whether it
+        succeeded.  The client certificate's subject joins the peer's
+        name (in log lines and the monitor), and decides read-only."""
+        from zeo.tls import describe_failure
+        from zeo.tls_socket import HandshakeEOF
+        tls = self._tls
+        try:
+            self.sock.handshake(tls.handshake_timeout)
+        except HandshakeEOF:
+            tls.failures.hung_up(self.peer)
+            return False
+        except TimeoutError:
+            tls.failures.failed(self.peer, "no TLS handshake within %g "
+                                "seconds" % tls.handshake_timeout)
+            return False
+        except OSError as error:  # ssl.SSLError included
+            if not self._closing.is_set():
+                tls.failures.failed(self.peer, describe_failure(error))
+            return False
+        subject, read_only = tls.access(self.sock)
+        if subject is not None:
+            self.peer = self.label = "%s [%s]" % (self.peer, subject)
+        if read_only:
+            self.session.restrict_to_reading()
+        return True
 
     def _serve(self):
         self.outbox.put(wire.frame(self.server.protocol))
@@ -294,7 +328,7 @@ class ServerConnection:
                      "disconnecting", self.label, self.server.outbox_limit)
         self.close("output overflow")
 
-    def _finish(self):
+    def _finish(self, log=True):
         self._closing.set()
         self._receiver.close()
         try:
@@ -305,8 +339,9 @@ class ServerConnection:
                 self.sock.close()
             except OSError:
                 pass
-            logger.info("(%s) disconnected (%s)", self.label,
-                        self._close_reason or "client closed")
+            if log:
+                logger.info("(%s) disconnected (%s)", self.label,
+                            self._close_reason or "client closed")
 
 
 def format_peer(peer):

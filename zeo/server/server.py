@@ -27,13 +27,15 @@ class StorageServer:
                  msgpack=None, monitor_address=None,
                  outbox_limit=DEFAULT_OUTBOX_LIMIT,
                  max_frame_size=wire.DEFAULT_MAX_FRAME_SIZE,
-                 busy_poll=DEFAULT_WINDOW):
+                 busy_poll=DEFAULT_WINDOW, tls=None):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
             raise ValueError("msgpack is enabled but the msgpack package "
                              "is not installed")
         self.read_only = bool(read_only)
+        #: A `zeo.tls.ServerTLS`: every connection is TLS (None: none is).
+        self.tls = tls
         self.protocol = (wire.MSGPACK_PROTOCOL if msgpack
                          else wire.PICKLE_PROTOCOL)
         self.outbox_limit = outbox_limit
@@ -70,7 +72,8 @@ class StorageServer:
             "%s (%s%s)" % (name, served.storage.getName(),
                            ", read-only" if served.read_only else "")
             for name, served in self.storages.items()))
-        logger.info("listening on %s", format_address(self.address))
+        logger.info("listening on %s%s", format_address(self.address),
+                    " (TLS)" if tls is not None else "")
 
     def start(self):
         """Begin accepting connections in a background thread."""
