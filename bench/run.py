@@ -19,10 +19,12 @@ compared with what the clients did, which proves that the loads really
 reached the server (no client cache in the way) and that every commit
 committed.
 
-Two last sections time the pairs with persistent client caches
+Three last sections time the pairs with persistent client caches
 (`persistent_cache.py`: a fresh client's start-up after a server restart,
-and warm cached reads) and blob transfer (`blobs.py`: upload and download
-throughput, and the server's memory while a big blob crosses it).
+and warm cached reads), what TLS costs each server (`tls_overhead.py`:
+loads, commits and connection set-up over TLS and plain TCP) and blob
+transfer (`blobs.py`: upload and download throughput, and the server's
+memory while a big blob crosses it).
 
 See bench/README.md for how to read the output.
 """
@@ -47,6 +49,7 @@ import blobs  # noqa: E402
 import persistent_cache  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
+import tls_overhead  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
 from storage_template import StorageTemplate  # noqa: E402
 from workloads import (  # noqa: E402
@@ -124,6 +127,9 @@ def parse_arguments(argv):
     parser.add_argument(
         "--blobs-only", action="store_true",
         help="run the blob measurements only")
+    parser.add_argument(
+        "--tls-only", action="store_true",
+        help="run the TLS measurements only")
     options = parser.parse_args(argv)
     if options.blob_passes is None:
         options.blob_passes = 1 if options.quick else 5
@@ -203,20 +209,29 @@ class ServerCpuMeter:
         self.seconds = self._read() - self._started
 
 
-def measure(group, cell, options, template, pool, scratch):
+def start_server(directory, side, options, tls=None):
+    """A server on `directory`/Data.fs; with `tls` (a `PKI` of
+    tests/tls_certificates.py) it accepts TLS connections only."""
+    impl = server_module(side, options)
+    if tls is None:
+        return server_process.start_filestorage_server(directory, impl=impl)
+    return server_process.start_configured_server(
+        directory, tls.server_ssl_section(), impl=impl)
+
+
+def measure(group, cell, options, template, pool, scratch, tls=None):
     """Start a server on a fresh storage, run a group's cell on it, stop it.
 
     A server that fails to start or a client that fails gives a zero
     figure and a problem report, and the bench goes on with the next
-    measurement.
+    measurement.  With `tls` (a `PKI`) server and clients use TLS.
     """
     workload, clients = group
     client, side = cell
     directory = tempfile.mkdtemp(dir=scratch)
     template.copy_to(directory)
     try:
-        server = server_process.start_filestorage_server(
-            directory, impl=server_module(side, options))
+        server = start_server(directory, side, options, tls)
     except RuntimeError as exc:
         shutil.rmtree(directory, ignore_errors=True)
         return Measurement(0.0, ["server did not start: %s" % exc], [])
@@ -227,7 +242,8 @@ def measure(group, cell, options, template, pool, scratch):
         specs = [{"client": client_kind(client, options),
                   "address": server.address,
                   "workload": workload, "oids": template.oids,
-                  "index": index, "count": clients}
+                  "index": index, "count": clients,
+                  "tls": tls and (tls.ca,) + tls.client}
                  for index in range(clients)]
         meter = (ServerCpuMeter(server.process.pid)
                  if ServerCpuMeter.available() else None)
@@ -245,7 +261,9 @@ def measure(group, cell, options, template, pool, scratch):
             if result["threads_left"]:
                 problems.append("threads still running after close(): %s"
                                 % ", ".join(result["threads_left"]))
-        problems.extend(check_counters(workload, results, server.address))
+        problems.extend(check_counters(
+            workload, results, server.address,
+            tls and tls.client_context()))
     except WorkerError as exc:
         problems.append(str(exc))
     finally:
@@ -259,7 +277,7 @@ def measure(group, cell, options, template, pool, scratch):
                        client_cpu_per_operation)
 
 
-def check_counters(workload, results, address):
+def check_counters(workload, results, address, ssl_context=None):
     """Compare the server's statistics with what the clients did.
 
     Loads: every `load` of the clients must be one `loadBefore` on the
@@ -269,7 +287,7 @@ def check_counters(workload, results, address):
     """
     issued = sum(result["issued"] for result in results)
     try:
-        with RawClient(address) as client:
+        with RawClient(address, ssl_context=ssl_context) as client:
             status = client.server_status()
     except (RawServerError, OSError) as exc:
         return ["server_status failed: %r" % (exc,)]
@@ -378,18 +396,24 @@ def run(options):
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     started = time.monotonic()
     status = 0
+    blob_results = None
     try:
-        if not options.blobs_only:
+        if not (options.blobs_only or options.tls_only):
             status = run_throughput_and_cache(options, scratch)
-        blob_results = blobs.measure_all(options, scratch)
+        if not options.blobs_only:
+            status |= tls_overhead.run_section(options, scratch, measure,
+                                               start_server)
+        if not options.tls_only:
+            blob_results = blobs.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print()
-    blobs.print_report(blob_results, options)
+    if blob_results is not None:
+        print()
+        blobs.print_report(blob_results, options)
+        if blobs.report_problems(blob_results):
+            status = 1
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
-    if blobs.report_problems(blob_results):
-        status = 1
     return status
 
 

@@ -80,6 +80,8 @@ class TLSSocket:
         self._backlog = b""  # ciphertext made and not yet sent
         self._owed = 0  # plaintext bytes encrypted into the backlog
         self._eof = False
+        #: Whether decrypted data may wait in the SSL object.
+        self._more = False
 
     # -- the handshake --------------------------------------------------------
 
@@ -110,6 +112,8 @@ class TLSSocket:
                     sock.settimeout(_remaining(deadline))
                     sock.sendall(out)
                 if done:
+                    # Data may have come with the handshake's last flight.
+                    self._more = True
                     return
                 sock.settimeout(_remaining(deadline))
                 count = sock.recv_into(self._raw_buffer)
@@ -146,7 +150,7 @@ class TLSSocket:
         MSG_DONTWAIT, BlockingIOError when no data is there."""
         view = memoryview(buffer).cast("B")
         limit = nbytes or len(view)
-        got = self._decrypt_into(view, limit)
+        got = self._decrypt_into(view, limit) if self._more else 0
         raw = self._raw_buffer[:max(limit - _RECORD_ROOM, 4096)]
         while not got and not self._eof:
             count = self._sock.recv_into(raw, 0, flags)
@@ -181,6 +185,10 @@ class TLSSocket:
                     self._eof = True
                     break
                 total += count
+            # A full buffer may leave data behind (only if the caller's
+            # buffer is smaller than the room we keep): look first next
+            # time.  Otherwise the next call starts at the socket.
+            self._more = total == limit
             made_records = self._outgoing.pending
         if made_records:
             self._send_made_records()
