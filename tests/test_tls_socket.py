@@ -60,7 +60,8 @@ def tls_pair(pki):
 
 
 def frame(sender, number):
-    body = b"%d:%d:" % (sender, number) + bytes([sender]) * (number * 37 % 9000)
+    padding = bytes([sender]) * (number * 37 % 9000)
+    body = b"%d:%d:" % (sender, number) + padding
     return struct.pack(">I", len(body)) + body
 
 

@@ -46,11 +46,7 @@ class Authority:
             .not_valid_after(now + 30 * _DAY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None),
                            critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public),
                            critical=False)
             .sign(self.key, hashes.SHA256()))
@@ -76,11 +72,7 @@ class Authority:
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                            critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=False, crl_sign=False,
-                content_commitment=False, key_encipherment=True,
-                data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
@@ -105,6 +97,15 @@ class Authority:
         with open(path, "wb") as file:
             file.write(certificate.public_bytes(serialization.Encoding.PEM))
         return path
+
+
+def _key_usage(ca):
+    """What a CA's key (signing certificates) or a leaf's key is for."""
+    return x509.KeyUsage(
+        digital_signature=True, key_cert_sign=ca, crl_sign=ca,
+        content_commitment=False, key_encipherment=not ca,
+        data_encipherment=False, key_agreement=False, encipher_only=False,
+        decipher_only=False)
 
 
 def _general_name(host):

@@ -170,7 +170,7 @@ def _issuer_names(path):
     return names
 
 
-# -- the server's policy ------------------------------------------------------
+# -- the server's policy ----------------------------------------------------
 
 
 class ServerTLS:
@@ -262,7 +262,7 @@ def format_name(name):
                    for char in text)
 
 
-# -- the client ----------------------------------------------------------------
+# -- the client -------------------------------------------------------------
 
 
 class ClientTLS:

@@ -83,7 +83,7 @@ class TLSSocket:
         #: Whether decrypted data may wait in the SSL object.
         self._more = False
 
-    # -- the handshake --------------------------------------------------------
+    # -- the handshake -------------------------------------------------------
 
     def handshake(self, timeout):
         """Run the TLS handshake within `timeout` seconds.
@@ -143,7 +143,7 @@ class TLSSocket:
     def version(self):
         return self._ssl.version()
 
-    # -- receiving ------------------------------------------------------------
+    # -- receiving -----------------------------------------------------------
 
     def recv_into(self, buffer, nbytes=0, flags=0):
         """Like `socket.recv_into`; 0 at the end of the stream.  With
@@ -194,7 +194,7 @@ class TLSSocket:
             self._send_made_records()
         return total
 
-    # -- sending --------------------------------------------------------------
+    # -- sending -------------------------------------------------------------
 
     def sendmsg(self, buffers, ancdata=(), flags=0):
         """Like `socket.sendmsg` without ancillary data.  With
@@ -269,7 +269,7 @@ class TLSSocket:
             finally:
                 self._send_lock.release()
 
-    # -- the rest of the socket interface ---------------------------------------
+    # -- the rest of the socket interface ------------------------------------
 
     def fileno(self):
         return self._sock.fileno()
