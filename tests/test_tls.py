@@ -6,6 +6,7 @@ servers are real processes started from a configuration file with an
 ``<ssl>`` section, the way users start them.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from ZODB.blob import Blob
 from conftest import CLIENT_TIMEOUT, REPO_ROOT, server_environment
 from raw_client import RawClient
 from server_process import OURS, THEIRS, write_config
+from zeo import tls
 from zeo.ClientStorage import ClientStorage
 from zeo.Exceptions import ClientDisconnected
 
@@ -239,3 +241,48 @@ def test_a_tls_client_is_refused_by_a_plain_server(pki, tls_servers):
         our_storage(server, pki.client_context(), wait_timeout=3)
     assert "TLS handshake failed: the peer does not speak TLS" \
         in str(refused.value)
+
+
+def test_password_function_unlocks_the_key(pki, tls_servers, tmp_path):
+    certificate, key = pki.server_encrypted
+    server = tls_servers(
+        "<ssl>\n  certificate %s\n  key %s\n  authenticate %s\n"
+        "  password-function tests.tls_certificates.password\n</ssl>"
+        % (certificate, key, pki.ca))
+    check_round_trips(
+        lambda **options: our_storage(server, pki.client_context(),
+                                      **options), tmp_path)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("tls_certificates.wrong_password", "ssl: cannot use certificate"),
+    ("tls_certificates.nothing", "ssl: password-function "
+     "tls_certificates.nothing cannot be imported"),
+])
+def test_a_bad_password_function_is_a_configuration_error(
+        pki, function, message):
+    certificate, key = pki.server_encrypted
+    with pytest.raises(tls.TLSConfigError) as error:
+        tls.server_context(certificate, key, function)
+    assert str(error.value).startswith(message)
+
+
+def test_handshake_failures_are_rate_limited(caplog):
+    now = [0.0]
+    failures = tls.FailureLog(clock=lambda: now[0])
+    with caplog.at_level(logging.DEBUG, logger="zeo.tls"):
+        for number in range(failures.BURST + 5):
+            failures.failed("10.0.0.%d:1" % number, "no client certificate")
+        failures.hung_up("10.0.0.99:1")
+        now[0] += failures.PERIOD
+        failures.failed("10.0.0.100:1", "no client certificate")
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING]
+    assert len(warnings) == failures.BURST + 1
+    assert warnings[0] == ("(10.0.0.0:1) TLS handshake failed: no client "
+                           "certificate")
+    assert warnings[-1] == ("(10.0.0.100:1) TLS handshake failed: no client "
+                            "certificate (5 more failures not logged)")
+    assert [record.getMessage() for record in caplog.records
+            if record.levelno == logging.DEBUG] == [
+        "(10.0.0.99:1) closed before the TLS handshake"]

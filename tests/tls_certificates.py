@@ -3,9 +3,10 @@
 `make_pki(directory)` writes a small public key infrastructure and returns
 the paths as a `PKI`: a CA and the server's certificate for 127.0.0.1 and
 localhost, client certificates (good, expired, from another CA, from the
-read-only CA, one whose name matches a read-only pattern), and a server
-certificate for another host name.  Every certificate has the extensions
-that strict X.509 verification asks for (key identifiers, key usage).
+read-only CA, one whose name matches a read-only pattern), a server
+certificate for another host name, and one whose key has a password.
+Every certificate has the extensions that strict X.509 verification asks
+for (key identifiers, key usage).
 """
 
 import dataclasses
@@ -52,9 +53,11 @@ class Authority:
             .sign(self.key, hashes.SHA256()))
         self.path = self._write("%s-ca.pem" % common_name, self.certificate)
 
-    def issue(self, common_name, hosts=(), server=False, expired=False):
+    def issue(self, common_name, hosts=(), server=False, expired=False,
+              password=None):
         """A certificate and its key for `common_name`: `(cert_path,
-        key_path)`.  `hosts` go into the subject alternative names."""
+        key_path)`.  `hosts` go into the subject alternative names; the
+        key file is encrypted with `password` if given."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         start, end = now - _DAY, now + 30 * _DAY
@@ -89,7 +92,8 @@ class Authority:
             file.write(key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
+                serialization.BestAvailableEncryption(password)
+                if password else serialization.NoEncryption()))
         return self._write("%s.pem" % common_name, certificate), key_path
 
     def _write(self, filename, certificate):
@@ -115,6 +119,19 @@ def _general_name(host):
         return x509.DNSName(host)
 
 
+#: The password of `PKI.server_encrypted`'s key.
+PASSWORD = b"zeo-test-secret"
+
+
+def password():
+    """A `password-function` (tls_certificates.password)."""
+    return PASSWORD
+
+
+def wrong_password():
+    return b"guess"
+
+
 @dataclasses.dataclass
 class PKI:
     """Paths of the test certificates; each `(cert, key)` pair a tuple."""
@@ -124,6 +141,7 @@ class PKI:
     read_only_ca: str
     server: tuple
     server_other_host: tuple
+    server_encrypted: tuple
     client: tuple
     client_expired: tuple
     client_other_ca: tuple
@@ -163,6 +181,8 @@ def make_pki(directory):
         server=ca.issue("server", hosts, server=True),
         server_other_host=ca.issue("other-host", ("db.example.org",),
                                    server=True),
+        server_encrypted=ca.issue("locked", hosts, server=True,
+                                  password=PASSWORD),
         client=ca.issue("writer"),
         client_expired=ca.issue("expired", expired=True),
         client_other_ca=other_ca.issue("stranger"),
