@@ -309,6 +309,16 @@ class ClientTLS:
                                   % timeout) from None
         return tls_socket
 
+    @staticmethod
+    def refusal(error):
+        """A ConnectionError saying why, if `error` (raised after the
+        handshake, reading the server's greeting) is the server's TLS
+        alert: a TLS 1.3 server refuses a client certificate only then.
+        None for any other error."""
+        if isinstance(error, ssl.SSLError):
+            return ConnectionError("TLS: %s" % describe_failure(error))
+        return None
+
 
 # -- failures ---------------------------------------------------------------
 

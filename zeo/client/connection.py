@@ -48,7 +48,6 @@ import logging
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 
@@ -257,13 +256,11 @@ class Connection:
             if tls is not None:
                 sock = tls.connect(sock, address, timeout)
             codec, reader = handshake(sock, timeout)
-        except ssl.SSLError as error:
+        except BaseException as error:
             sock.close()
-            from zeo.tls import describe_failure
-            raise ConnectionError("TLS: %s" % describe_failure(error)) \
-                from None
-        except BaseException:
-            sock.close()
+            refusal = tls.refusal(error) if tls is not None else None
+            if refusal is not None:
+                raise refusal from None
             raise
         connection = cls(sock, codec, reader, address, handler, on_close,
                          busy_poll)
