@@ -1,6 +1,9 @@
 """One accepted socket: handshake, the read loop, replies.
 
-`ServerConnection.run` is the body of the connection's thread.  It reads
+`ServerConnection.run` is the body of the connection's thread.  On a TLS
+server it first runs the handshake, here and not in the accepting thread,
+within the handshake timeout (`zeo.tls`); the socket is then a
+`zeo.tls_socket.TLSSocket`, used like the plain one.  It reads
 frames, decodes them, and hands each call to its `Session` in arrival order
 (PROTOCOL.md 3.7 and 3.9).  Everything sent goes through the connection's
 `Outbox`.  However the connection ends (the client hangs up, a protocol
