@@ -241,6 +241,7 @@ def test_a_tls_client_is_refused_by_a_plain_server(pki, tls_servers):
         our_storage(server, pki.client_context(), wait_timeout=3)
     assert "TLS handshake failed: the peer does not speak TLS" \
         in str(refused.value)
+    assert "a TLS client on a server without <ssl> (frame of" in server.log
 
 
 def test_password_function_unlocks_the_key(pki, tls_servers, tmp_path):

@@ -29,6 +29,8 @@ _RECV_SIZE = 256 * 1024
 #: handshake and `register` take a few dozen bytes, and whoever reaches
 #: the port must not make us buffer (and decode) a quarter of a gigabyte.
 UNREGISTERED_MAX_FRAME_SIZE = 64 * 1024
+#: How a TLS client's first bytes begin (a handshake record, TLS 1.x).
+_TLS_HANDSHAKE_RECORD = b"\x16\x03"
 #: A call whose publication lock depends on its arguments (`register`).
 _BY_ARGUMENTS = object()
 
@@ -176,7 +178,13 @@ class ServerConnection:
         registered_max_frame_size = self.server.max_frame_size
         reader = wire.FrameReader(min(registered_max_frame_size,
                                       UNREGISTERED_MAX_FRAME_SIZE))
-        payloads = self._receive(reader)
+        try:
+            payloads = self._receive(reader)
+        except wire.ProtocolError as error:
+            if self._receive_buffer[:2] == _TLS_HANDSHAKE_RECORD:
+                raise wire.ProtocolError(
+                    "a TLS client on a server without <ssl> (%s)" % error)
+            raise
         if payloads is None:
             return
         handshake, payloads = payloads[0], payloads[1:]
