@@ -163,6 +163,7 @@ def bad_file(directory, name, text):
 @pytest.mark.parametrize("case", [
     "missing certificate", "key of another certificate", "not a key",
     "missing CA", "client key", "subjects without CA", "same CA twice",
+    "DYNAMIC",
 ])
 def test_server_configuration_errors_are_one_line(pki, tmp_path, case):
     directory = str(tmp_path)
@@ -198,6 +199,11 @@ def test_server_configuration_errors_are_one_line(pki, tmp_path, case):
              % pki.ca],
             "Error: ssl: CA O=zeo tests,CN=zeo-test is in both "
             "authenticate and read-only-authenticate"),
+        "DYNAMIC": (
+            ["certificate %s" % certificate, "key %s" % key,
+             "authenticate DYNAMIC"],
+            "Error: ssl: authenticate DYNAMIC (ZEO's hook for loading CAs "
+            "in code) is not supported"),
     }[case]
     status, stderr = run_server_with(
         directory, "<ssl>\n  %s\n</ssl>" % "\n  ".join(lines))

@@ -192,6 +192,11 @@ class ServerTLS:
         """From a `<ssl>` section of `<zeo>`; TLSConfigError if it cannot
         work."""
         _refuse_keys(section, _CLIENT_ONLY, "a server")
+        if section.authenticate == "DYNAMIC":
+            raise TLSConfigError(
+                "ssl: authenticate DYNAMIC (ZEO's hook for loading CAs in "
+                "code) is not supported: name a CA file or directory, or "
+                "leave authenticate out")
         authenticate = [path for path in (section.authenticate,
                                           section.read_only_authenticate)
                         if path is not None]
