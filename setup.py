@@ -45,6 +45,8 @@ setup(
             # isolation (offline), which needs bdist_wheel.
             "wheel",
             "prometheus-client",
+            # TLS tests make their certificates at test time.
+            "cryptography",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.

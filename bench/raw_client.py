@@ -41,10 +41,15 @@ class RawServerError(Exception):
 
 
 class RawClient:
-    """One registered connection to one storage of a ZEO 5 server."""
+    """One registered connection to one storage of a ZEO 5 server (over
+    TLS when given a client `ssl_context`)."""
 
-    def __init__(self, address, storage="1", read_only=False, timeout=60):
+    def __init__(self, address, storage="1", read_only=False, timeout=60,
+                 ssl_context=None):
         self._sock = connect_socket(address, timeout)
+        if ssl_context is not None:
+            self._sock = ssl_context.wrap_socket(
+                self._sock, server_hostname=address[0])
         self._reader = FrameReader()
         self._received = []
         self._unsent = []

@@ -21,11 +21,12 @@ committed.
 
 Three last sections time the pairs with persistent client caches
 (`persistent_cache.py`: a fresh client's start-up after a server restart,
-and warm cached reads), blob transfer (`blobs.py`: upload and download
-throughput, and the server's memory while a big blob crosses it) and
-reconnection (`reconnect.py`: how soon a connected client is usable
-again after a server restart, and how soon it notices a network
-partition and fails over).
+and warm cached reads), what TLS costs each server (`tls_overhead.py`:
+loads, commits and connection set-up over TLS and plain TCP), blob
+transfer (`blobs.py`: upload and download throughput, and the server's
+memory while a big blob crosses it) and reconnection (`reconnect.py`:
+how soon a connected client is usable again after a server restart, and
+how soon it notices a network partition and fails over).
 
 See bench/README.md for how to read the output.
 """
@@ -52,6 +53,7 @@ import persistent_cache  # noqa: E402
 import reconnect  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
+import tls_overhead  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
 from storage_template import StorageTemplate  # noqa: E402
 from workloads import (  # noqa: E402
@@ -147,6 +149,9 @@ def parse_arguments(argv):
         "--partition-wait", type=float, default=10,
         help="seconds a partitioned client is given to notice and fail "
              "over (default 10)")
+    parser.add_argument(
+        "--tls-only", action="store_true",
+        help="run the TLS measurements only")
     options = parser.parse_args(argv)
     if options.blobs_only and options.reconnect_only:
         parser.error("--blobs-only and --reconnect-only exclude each other")
@@ -230,20 +235,29 @@ class ServerCpuMeter:
         self.seconds = self._read() - self._started
 
 
-def measure(group, cell, options, template, pool, scratch):
+def start_server(directory, side, options, tls=None):
+    """A server on `directory`/Data.fs; with `tls` (a `PKI` of
+    tests/tls_certificates.py) it accepts TLS connections only."""
+    impl = server_module(side, options)
+    if tls is None:
+        return server_process.start_filestorage_server(directory, impl=impl)
+    return server_process.start_configured_server(
+        directory, tls.server_ssl_section(), impl=impl)
+
+
+def measure(group, cell, options, template, pool, scratch, tls=None):
     """Start a server on a fresh storage, run a group's cell on it, stop it.
 
     A server that fails to start or a client that fails gives a zero
     figure and a problem report, and the bench goes on with the next
-    measurement.
+    measurement.  With `tls` (a `PKI`) server and clients use TLS.
     """
     workload, clients = group
     client, side = cell
     directory = tempfile.mkdtemp(dir=scratch)
     template.copy_to(directory)
     try:
-        server = server_process.start_filestorage_server(
-            directory, impl=server_module(side, options))
+        server = start_server(directory, side, options, tls)
     except RuntimeError as exc:
         shutil.rmtree(directory, ignore_errors=True)
         return Measurement(0.0, ["server did not start: %s" % exc], [])
@@ -254,7 +268,8 @@ def measure(group, cell, options, template, pool, scratch):
         specs = [{"client": client_kind(client, options),
                   "address": server.address,
                   "workload": workload, "oids": template.oids,
-                  "index": index, "count": clients}
+                  "index": index, "count": clients,
+                  "tls": tls and (tls.ca,) + tls.client}
                  for index in range(clients)]
         meter = (ServerCpuMeter(server.process.pid)
                  if ServerCpuMeter.available() else None)
@@ -272,7 +287,9 @@ def measure(group, cell, options, template, pool, scratch):
             if result["threads_left"]:
                 problems.append("threads still running after close(): %s"
                                 % ", ".join(result["threads_left"]))
-        problems.extend(check_counters(workload, results, server.address))
+        problems.extend(check_counters(
+            workload, results, server.address,
+            tls and tls.client_context()))
     except WorkerError as exc:
         problems.append(str(exc))
     finally:
@@ -286,7 +303,7 @@ def measure(group, cell, options, template, pool, scratch):
                        client_cpu_per_operation)
 
 
-def check_counters(workload, results, address):
+def check_counters(workload, results, address, ssl_context=None):
     """Compare the server's statistics with what the clients did.
 
     Loads: every `load` of the clients must be one `loadBefore` on the
@@ -296,7 +313,7 @@ def check_counters(workload, results, address):
     """
     issued = sum(result["issued"] for result in results)
     try:
-        with RawClient(address) as client:
+        with RawClient(address, ssl_context=ssl_context) as client:
             status = client.server_status()
     except (RawServerError, OSError) as exc:
         return ["server_status failed: %r" % (exc,)]
@@ -407,10 +424,13 @@ def run(options):
     status = 0
     blob_results = reconnect_results = None
     only = (options.blobs_only or options.metrics_only
-            or options.reconnect_only)
+            or options.reconnect_only or options.tls_only)
     try:
         if not only:
             status = run_throughput_and_cache(options, scratch)
+        if not only or options.tls_only:
+            status |= tls_overhead.run_section(options, scratch, measure,
+                                               start_server)
         if not only or options.metrics_only:
             if run_metrics_scraping(options, scratch):
                 status = 1

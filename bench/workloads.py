@@ -22,6 +22,7 @@ throughput is simply the sum of their counts divided by the window.
 import importlib
 import multiprocessing
 import pickle
+import ssl
 import threading
 import time
 import traceback
@@ -79,11 +80,14 @@ class StorageSession:
     API calls, so their lines differ in the client and nothing else.
     """
 
-    def __init__(self, storage_class, address, cache_size):
+    def __init__(self, storage_class, address, cache_size, tls=None):
         from ZODB.Connection import TransactionMetaData
         self._metadata = TransactionMetaData
+        options = {}
+        if tls is not None:
+            options["ssl"] = client_ssl_context(*tls)
         self.storage = storage_class(
-            address, cache_size=cache_size, wait_timeout=60)
+            address, cache_size=cache_size, wait_timeout=60, **options)
 
     def load(self, oid):
         self.storage.load(oid)
@@ -103,13 +107,23 @@ class StorageSession:
         self.storage.close()
 
 
-def open_session(client, address, workload):
+def client_ssl_context(ca, certificate, key):
+    """A client TLS context from file paths (a spec's "tls"; contexts
+    cannot be sent to a worker process)."""
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+def open_session(client, address, workload, tls=None):
+    """A session of `client`; with `tls` (paths: CA, certificate, key) a
+    storage-API client connects with TLS."""
     if client == RAW:
         return RawSession(address)
     storage_class = importlib.import_module(
         CLIENT_MODULES[client]).ClientStorage
     cache_size = NO_CACHE_BYTES if workload == LOAD else 20 * 1024 * 1024
-    return StorageSession(storage_class, address, cache_size)
+    return StorageSession(storage_class, address, cache_size, tls)
 
 
 # --- the workloads ---------------------------------------------------------
@@ -186,7 +200,8 @@ def worker_main(pipe):
         try:
             _, spec = order
             session = open_session(
-                spec["client"], spec["address"], spec["workload"])
+                spec["client"], spec["address"], spec["workload"],
+                spec.get("tls"))
             try:
                 workload = WORKLOADS[spec["workload"]](
                     session, spec["oids"], spec["index"], spec["count"])

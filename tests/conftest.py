@@ -29,6 +29,7 @@ from ZODB.tests import StorageTestBase
 from ZODB.tests import Synchronization
 from ZODB.tests import TransactionalUndoStorage
 
+from server_process import OURS
 from server_process import THEIRS
 from server_process import impl_from_environment
 from server_process import start_configured_server
@@ -187,6 +188,36 @@ def start_server(tmp_path):
     yield start
     statuses = stop_all(servers)
     assert statuses == [0] * len(servers), "server exit statuses"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """The TLS tests' certificates (tests/tls_certificates.py)."""
+    from tls_certificates import make_pki
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def tls_servers(tmp_path):
+    """Factory starting a server (ours unless `impl` says) with the
+    `ssl_section` given, on a FileStorage with blobs in the test's temp
+    dir; every server must stop with status 0 after the test."""
+    servers = []
+
+    def start(ssl_section, zeo_options="", impl=OURS):
+        directory = str(tmp_path / ("server-%d" % len(servers)))
+        os.makedirs(directory)
+        storage = ("<filestorage 1>\n  path %s\n  blob-dir %s\n"
+                   "</filestorage>" % (os.path.join(directory, "Data.fs"),
+                                       os.path.join(directory, "blobs")))
+        server = start_configured_server(
+            directory, "%s\n%s" % (zeo_options, ssl_section), {"1": storage},
+            impl=impl, env=server_environment())
+        servers.append(server)
+        return server
+
+    yield start
+    assert stop_all(servers) == [0] * len(servers), "server exit statuses"
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ client would send) and see exactly what comes back.
 
 API:
 
-* ``RawClient(address, timeout=10)`` connects (TCP ``(host, port)`` or a
-  Unix socket path).
+* ``RawClient(address, timeout=10, ssl_context=None)`` connects (TCP
+  ``(host, port)`` or a Unix socket path), with TLS if given a client
+  ``ssl.SSLContext``.
 * ``.handshake(protocol=None)`` reads the server's greeting and answers it
   (by default with the greeting itself); returns the greeting.
 * ``.register(storage="1", read_only=False)`` is ``call("register", ...)``.
@@ -59,9 +60,12 @@ class ConnectionClosed(Exception):
 class RawClient:
     """One connection to a ZEO server, driven step by step by a test."""
 
-    def __init__(self, address, timeout=10):
+    def __init__(self, address, timeout=10, ssl_context=None):
         self.timeout = timeout
         self.sock = connect_socket(address, timeout)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(
+                self.sock, server_hostname=address[0])
         self.codec = None
         self.greeting = None
         self.server_calls = []

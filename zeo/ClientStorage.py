@@ -122,6 +122,10 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
     alone for a reply polls the socket before it sleeps, which saves a
     wake-up per round trip when the server answers quickly (see
     `zeo.client.connection`).
+    `ssl` (an `ssl.SSLContext` for a client, e.g. from
+    `ssl.create_default_context`) connects with TLS; the server's
+    certificate must be for `ssl_server_hostname`, by default the host of
+    the address (see zeo.tls).
     `blob_dir` makes it a blob storage: the directory is the client's
     blob cache, or with `shared_blob_dir` the server's own blob
     directory, shared.  `blob_cache_size` (bytes; None: no limit) bounds
@@ -138,13 +142,18 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
                  blob_cache_size_check=10, server_sync=False,
                  client_label=None, drop_cache_rather_verify=False,
                  cache_trace=None, busy_poll=DEFAULT_BUSY_POLL,
-                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT, **ignored):
+                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT, ssl=None,
+                 ssl_server_hostname=None, **ignored):
         if busy_poll < 0:
             raise ClientStorageError("busy_poll cannot be negative")
         if heartbeat_timeout is not None and heartbeat_timeout < 0:
             raise ClientStorageError("heartbeat_timeout cannot be negative")
         # Checked before the cache file is opened (and locked).
         retry = RetryPolicy(min_disconnect_poll, max_disconnect_poll)
+        tls = None
+        if ssl is not None:
+            from zeo.tls import ClientTLS
+            tls = ClientTLS(ssl, ssl_server_hostname)
         if ignored:
             logger.debug("ignoring ClientStorage options %s", sorted(ignored))
         addresses = normalize_addresses(addr)
@@ -193,7 +202,7 @@ class ClientStorage(BlobMethods, ConflictResolvingStorage):
             client_label=client_label,
             retry=retry,
             name=name or str(addresses[0]), busy_poll=busy_poll,
-            heartbeat_timeout=heartbeat_timeout)
+            heartbeat_timeout=heartbeat_timeout, tls=tls)
         try:
             self._link.connect(wait, DEFAULT_WAIT_TIMEOUT
                                if wait_timeout is None else wait_timeout)

@@ -158,6 +158,8 @@ class ServerOptions:
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
     tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE
+    #: A `zeo.tls.ServerTLS` when the configuration has an <ssl> section.
+    tls: typing.Optional[object] = None
     eventlog: typing.Optional[typing.Callable] = None
     limits: NetworkLimits = dataclasses.field(default_factory=NetworkLimits)
     monitor_allow_remote: bool = False
@@ -326,10 +328,23 @@ def _options_from_config(config):
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
         tcp_keepalive=section.tcp_keepalive,
+        tls=_tls_or_error(section.ssl),
         eventlog=config.eventlog,
         limits=server_options.limits_from_config(section),
         monitor_allow_remote=section.monitor_allow_remote,
     )
+
+
+def _tls_or_error(section):
+    """The server's TLS from its <ssl> section (None without one); its
+    files are read now, so a bad one stops the start with one line."""
+    if section is None:
+        return None
+    from zeo import tls
+    try:
+        return tls.ServerTLS.from_config(section)
+    except tls.TLSConfigError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def parse_options(argv=None):
@@ -580,7 +595,7 @@ class ServerRunner:
                 slow_load_threshold=options.slow_load_threshold,
                 limits=options.limits,
                 busy_poll=options.busy_poll_microseconds * 1e-6,
-                tcp_keepalive=options.tcp_keepalive)
+                tcp_keepalive=options.tcp_keepalive, tls=options.tls)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -37,6 +37,16 @@ class ClientStorageConfig(BaseConfig):
         if config.busy_poll < 0:
             raise ZConfig.ConfigurationError(
                 "clientstorage: busy-poll cannot be negative")
+        #: A `zeo.tls.ClientTLS` from the <ssl> section, made now so that
+        #: a bad file fails the configuration, not the first connection.
+        self.tls = None
+        if config.ssl is not None:
+            from zeo.tls import ClientTLS, TLSConfigError
+            try:
+                self.tls = ClientTLS.from_config(config.ssl)
+            except TLSConfigError as error:
+                raise ZConfig.ConfigurationError(
+                    "clientstorage: %s" % error) from None
         if not 0 <= config.blob_cache_size_check < 100:
             raise ZConfig.ConfigurationError(
                 "clientstorage: blob-cache-size-check is a percentage "
@@ -68,4 +78,6 @@ class ClientStorageConfig(BaseConfig):
             cache_trace=config.cache_trace,
             busy_poll=config.busy_poll,
             heartbeat_timeout=config.heartbeat_timeout,
+            ssl=self.tls and self.tls.context,
+            ssl_server_hostname=self.tls and self.tls.server_hostname,
         )

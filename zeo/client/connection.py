@@ -246,13 +246,23 @@ class Connection:
 
     @classmethod
     def open(cls, address, handler, on_close, timeout,
-             busy_poll=DEFAULT_BUSY_POLL):
-        """Connect, handshake and start reading; errors propagate."""
+             busy_poll=DEFAULT_BUSY_POLL, tls=None):
+        """Connect, handshake and start reading; errors propagate.
+
+        With `tls` (a `zeo.tls.ClientTLS`) the socket is TLS first; a
+        server that refuses our certificate says so with an alert in
+        place of its greeting (TLS 1.3), reported as ConnectionError.
+        """
         sock = connect_socket(address, timeout)
         try:
+            if tls is not None:
+                sock = tls.connect(sock, address, timeout)
             codec, reader = handshake(sock, timeout)
-        except BaseException:
+        except BaseException as error:
             sock.close()
+            refusal = tls.refusal(error) if tls is not None else None
+            if refusal is not None:
+                raise refusal from None
             raise
         connection = cls(sock, codec, reader, address, handler, on_close,
                          busy_poll)

@@ -129,7 +129,7 @@ class ConnectionManager:
     def __init__(self, addresses, storage_name, client, read_only=False,
                  read_only_fallback=False, client_label=None,
                  retry=None, name="zeo", busy_poll=DEFAULT_BUSY_POLL,
-                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT):
+                 heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT, tls=None):
         if heartbeat_timeout is not None and heartbeat_timeout < 0:
             raise ValueError("heartbeat_timeout cannot be negative")
         self.addresses = list(addresses)
@@ -143,6 +143,7 @@ class ConnectionManager:
         self.heartbeat_timeout = heartbeat_timeout or None
         self._connect_timeout = min(CONNECT_TIMEOUT,
                                     self.heartbeat_timeout or CONNECT_TIMEOUT)
+        self.tls = tls  # a zeo.tls.ClientTLS, or None for plain TCP
         self._client = client
         self._lock = threading.Lock()  # _connection, _pending, read-only
         self._connection = None
@@ -284,7 +285,7 @@ class ConnectionManager:
         try:
             connection = Connection.open(
                 address, self._client, self._connection_closed,
-                self._connect_timeout, self.busy_poll)
+                self._connect_timeout, self.busy_poll, self.tls)
         except Exception as error:
             self._last_error = "%s: %s" % (address, error)
             logger.info("cannot connect to %s", self._last_error)

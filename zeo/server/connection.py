@@ -1,6 +1,9 @@
 """One accepted socket: handshake, the read loop, replies.
 
-`ServerConnection.run` is the body of the connection's thread.  It reads
+`ServerConnection.run` is the body of the connection's thread.  On a TLS
+server it first runs the handshake, here and not in the accepting thread,
+within the handshake timeout (`zeo.tls`); the socket is then a
+`zeo.tls_socket.TLSSocket`, used like the plain one.  It reads
 frames, decodes them, and hands each call to its `Session` in arrival order
 (PROTOCOL.md 3.7 and 3.9).  Everything sent goes through the connection's
 `Outbox`.  However the connection ends (the client hangs up, a protocol
@@ -23,6 +26,8 @@ from zeo.server.session import Session
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+#: How a TLS client's first bytes begin (a handshake record, TLS 1.x).
+_TLS_HANDSHAKE_RECORD = b"\x16\x03"
 #: A call whose publication lock depends on its arguments (`register`).
 _BY_ARGUMENTS = object()
 
@@ -31,6 +36,10 @@ class ServerConnection:
     """The channel between one client socket and its session."""
 
     def __init__(self, sock, peer, server):
+        #: The server's `zeo.tls.ServerTLS`, or None for plain TCP.
+        self._tls = server.tls
+        if self._tls is not None:
+            sock = self._tls.wrap(sock)  # the handshake runs in `run`
         self.sock = sock
         self.peer = format_peer(peer)
         self.label = self.peer
@@ -121,6 +130,9 @@ class ServerConnection:
     # -- the connection's thread --------------------------------------------
 
     def run(self):
+        if self._tls is not None and not self._start_tls():
+            self._finish(log=False)
+            return
         logger.info("(%s) connected", self.peer)
         self.server.guard.watch(self)
         try:
@@ -141,13 +153,46 @@ class ServerConnection:
         finally:
             self._finish()
 
+    def _start_tls(self):
+        """The TLS handshake, within the server's timeout; whether it
+        succeeded.  The client certificate's subject joins the peer's
+        name (in log lines and the monitor), and decides read-only."""
+        from zeo.tls import describe_failure
+        from zeo.tls_socket import HandshakeEOF
+        tls = self._tls
+        try:
+            self.sock.handshake(tls.handshake_timeout)
+        except HandshakeEOF:
+            tls.failures.hung_up(self.peer)
+            return False
+        except TimeoutError:
+            tls.failures.failed(self.peer, "no TLS handshake within %g "
+                                "seconds" % tls.handshake_timeout)
+            return False
+        except OSError as error:  # ssl.SSLError included
+            if not self._closing.is_set():
+                tls.failures.failed(self.peer, describe_failure(error))
+            return False
+        subject, read_only = tls.access(self.sock)
+        if subject is not None:
+            self.peer = self.label = "%s [%s]" % (self.peer, subject)
+        if read_only:
+            self.session.restrict_to_reading()
+        return True
+
     def _serve(self):
         self.outbox.put(wire.frame(self.server.protocol))
         self.outbox.send_pending()
         registered_max_frame_size = self.server.guard.limits.max_frame_size
         reader = wire.FrameReader(min(registered_max_frame_size,
                                       UNREGISTERED_MAX_FRAME_SIZE))
-        payloads = self._receive(reader)
+        try:
+            payloads = self._receive(reader)
+        except wire.ProtocolError as error:
+            if self._receive_buffer[:2] == _TLS_HANDSHAKE_RECORD:
+                raise wire.ProtocolError(
+                    "a TLS client on a server without <ssl> (%s)" % error)
+            raise
         if payloads is None:
             return
         handshake, payloads = payloads[0], payloads[1:]
@@ -306,7 +351,7 @@ class ServerConnection:
                      "disconnecting", self.label, self.server.outbox_limit)
         self.close("output overflow")
 
-    def _finish(self):
+    def _finish(self, log=True):
         self._closing.set()
         self.server.guard.forget(self)
         self._receiver.close()
@@ -318,8 +363,9 @@ class ServerConnection:
                 self.sock.close()
             except OSError:
                 pass
-            logger.info("(%s) disconnected (%s)", self.label,
-                        self._close_reason or "client closed")
+            if log:
+                logger.info("(%s) disconnected (%s)", self.label,
+                            self._close_reason or "client closed")
 
 
 def format_peer(peer):

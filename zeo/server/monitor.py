@@ -130,6 +130,8 @@ def client_line(session):
     """One connected client: address, label, since when, its counters."""
     channel = session.channel
     parts = [channel.peer]
+    if session.certificate_read_only:
+        parts.append("read-only certificate")
     if session.client_label is not None:
         parts.append("label %s" % printable(session.client_label))
     parts += ["connected since %s" % time.ctime(channel.connected_at),

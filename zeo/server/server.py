@@ -36,13 +36,15 @@ class StorageServer:
                  outbox_limit=DEFAULT_OUTBOX_LIMIT, limits=None,
                  busy_poll=DEFAULT_WINDOW, metrics_address=None,
                  slow_transaction_threshold=None, slow_load_threshold=None,
-                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE):
+                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE, tls=None):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
             raise ValueError("msgpack is enabled but the msgpack package "
                              "is not installed")
         self.read_only = bool(read_only)
+        #: A `zeo.tls.ServerTLS`: every connection is TLS (None: none is).
+        self.tls = tls
         self.protocol = (wire.MSGPACK_PROTOCOL if msgpack
                          else wire.PICKLE_PROTOCOL)
         self.outbox_limit = outbox_limit
@@ -88,7 +90,8 @@ class StorageServer:
             "%s (%s%s)" % (name, served.storage.getName(),
                            ", read-only" if served.read_only else "")
             for name, served in self.storages.items()))
-        logger.info("listening on %s", format_address(self.address))
+        logger.info("listening on %s%s", format_address(self.address),
+                    " (TLS)" if tls is not None else "")
 
     def start(self):
         """Begin accepting connections in a background thread."""

@@ -61,6 +61,9 @@ class Session(BlobCalls):
         self.channel = channel
         self.served = None
         self.read_only = server.read_only
+        #: Read-only by its client certificate (zeo.tls): unlike on a
+        #: read-only server, pack is refused too.
+        self.certificate_read_only = False
         self.connected = True
         self._txn = None
         self._txn_lock = threading.RLock()
@@ -128,6 +131,11 @@ class Session(BlobCalls):
         self.log("registered on storage %r%s", storage_name,
                  " (read-only)" if self.read_only else "")
         return served.join(self)
+
+    def restrict_to_reading(self):
+        """Make the session read-only, pack included (the client's
+        certificate allows no more)."""
+        self.read_only = self.certificate_read_only = True
 
     def get_info(self):
         storage = self.served.storage
@@ -439,6 +447,8 @@ class Session(BlobCalls):
     # -- pack ---------------------------------------------------------------
 
     def pack(self, t, wait=1):
+        if self.certificate_read_only:
+            raise ReadOnlyError()
         served = self.served
         refusal = served.refused_commit_error()
         if refusal is not None:
