@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_wire import MEMO_PUT_OPCODES, _pickled, msgpack_values
-from test_wire import pickle_values
+from fuzzing import msgpack_values, pickle_values, pickled
+from test_wire import MEMO_PUT_OPCODES
 from zeo import message_shape
 from zeo import wire
 from zeo.message_shape import ShapeError
@@ -150,8 +150,8 @@ def test_a_long4_integer_of_ordinary_size_passes():
     [(os.urandom(8), os.urandom(8)) for _ in range(20000)],
 ], ids=["oids", "ints", "dict", "pairs"])
 def test_large_ordinary_messages_pass(values, protocol, fast):
-    payload = _pickled((0, True, "invalidateTransaction",
-                        (b"\0" * 8, values)), protocol, fast)
+    payload = pickled((0, True, "invalidateTransaction",
+                       (b"\0" * 8, values)), protocol, fast)
     message_shape.check_pickle_shape(payload)
     assert wire.PickleCodec().decode(payload).args[1] == values
 
@@ -173,7 +173,7 @@ def test_the_budget_scales_with_the_payload():
 @given(value=pickle_values(), protocol=st.sampled_from([3, 4, 5]),
        fast=st.booleans())
 def test_any_pickled_value_passes_the_checks(value, protocol, fast):
-    payload = _pickled((7, False, "x", (value,)), protocol, fast)
+    payload = pickled((7, False, "x", (value,)), protocol, fast)
     message_shape.check_pickle_closely(payload)
     message_shape.check_pickle_shape(payload)
 

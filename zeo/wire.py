@@ -269,18 +269,37 @@ class RefusedGlobals(ProtocolError):
     """
 
     def __init__(self, message, names):
+        names = list(dict.fromkeys(names))
         ProtocolError.__init__(
             self, "refused global%s %s" % ("s" if len(names) > 1 else "",
-                                           ", ".join(names)))
+                                           describe_names(names)))
         self.message = message
         self.names = names
 
 
+def describe_names(names, shown=5, length=100):
+    """`names` for a log line or an error reply: however many and however
+    long the names a peer sent, the text stays short."""
+    text = ", ".join(name if len(name) <= length else name[:length] + "..."
+                     for name in names[:shown])
+    if len(names) > shown:
+        text += " and %d more" % (len(names) - shown)
+    return text
+
+
 class RefusedGlobal:
-    """Stands in for a refused global; accepts and ignores everything."""
+    """Stands in for a refused global; accepts and ignores everything.
+
+    Calling an instance gives it back, so a chain such as
+    ``getattr(__import__("os"), "system")(...)`` decodes to the end and
+    every name it refused is reported, not just a failed call.
+    """
 
     def __init__(self, *args, **kwargs):
         pass
+
+    def __call__(self, *args, **kwargs):
+        return self
 
     def __setstate__(self, state):
         pass
@@ -357,9 +376,13 @@ class PickleCodec:
         try:
             value = unpickler.load()
         except Exception as exc:
+            refused = ""
+            if unpickler.refused:
+                refused = " (it named refused %s)" % describe_names(
+                    list(dict.fromkeys(unpickler.refused)))
             raise ProtocolError(
-                "cannot decode message %s: %s"
-                % (short_repr(bytes(payload[:40])), exc)) from None
+                "cannot decode message %s: %s%s"
+                % (short_repr(bytes(payload[:40])), exc, refused)) from None
         message = _as_message(value)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)
