@@ -18,9 +18,10 @@ import io
 import os
 import pickle
 import pickletools
+import types
 
 import msgpack
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 
 from hostile_pickles import (VARIANTS, Call, Global, binunicode,
@@ -373,6 +374,11 @@ def msgpack_payloads():
 PICKLE_VALUE_TYPES = frozenset([
     type(None), bool, int, float, complex, str, bytes, tuple, list, dict,
     set, frozenset])
+#: ... and a message our client decodes: also the exceptions of error
+#: replies.
+CLIENT_VALUE_TYPES = PICKLE_VALUE_TYPES | {
+    value for value in wire.CLIENT_GLOBALS.values()
+    if isinstance(value, type)}
 #: What a decoded msgpack message may be made of (arrays are tuples;
 #: extension values stay msgpack's inert value objects).
 MSGPACK_VALUE_TYPES = frozenset([
@@ -391,10 +397,14 @@ def foreign_types(value, allowed):
         kind = type(item)
         if kind not in allowed:
             found.add(kind)
-        if kind in (tuple, list, set, frozenset, dict):
+        if kind in (tuple, list, set, frozenset, dict) \
+                or isinstance(item, BaseException):
             if id(item) in seen:
                 continue
             seen.add(id(item))
+            if isinstance(item, BaseException):
+                stack.extend([item.args, vars(item)])
+                continue
             stack.extend(item)
             if kind is dict:
                 stack.extend(item.values())
@@ -407,13 +417,18 @@ def decode_checked(codec, payload, allowed):
     try:
         message = codec.decode(payload)
     except wire.RefusedGlobals as refused:
+        # Still readable, for a clear error reply: placeholders of refused
+        # globals, and allowed ones that were not called, may remain.
         assert type(refused.message) is wire.Message
         assert refused.names
         assert not foreign_types(tuple(refused.message), allowed | {
-            wire.RefusedGlobal})
+            wire.RefusedGlobal, type, types.FunctionType})
+        event("refused: RefusedGlobals")
         return refused
     except wire.ProtocolError as error:
+        event("refused: %s" % type(error).__name__)
         return error
+    event("decoded")
     assert type(message) is wire.Message
     assert type(message.name) is str
     assert not foreign_types(tuple(message), allowed), message

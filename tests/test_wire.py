@@ -358,6 +358,20 @@ def test_refusal_text_stays_short_however_many_globals():
     assert str(refusal.value).endswith("and 45 more")
 
 
+@pytest.mark.parametrize("payload", [
+    b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping(c__builtin__\nfrozenset\n}btt.",
+    b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping(}cbuiltins\ndict\nNstt.",
+    b"\x80\x02(K\x01\x89X\x04\x00\x00\x00ping(czodbpickle\nbinary\ntt.",
+], ids=["BUILD", "dict-key", "bare"])
+def test_an_allowed_global_left_uncalled_is_refused(payload):
+    """Found by the fuzzer: a message could carry `frozenset` or
+    `zodbpickle.binary` themselves, callables a method might call."""
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert "(as a value)" in str(refusal.value)
+    assert refusal.value.message.name == "ping"
+
+
 def test_a_refused_global_that_breaks_decoding_is_still_named():
     payload = (b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping"
                b"cos\nsystem\n\x81t.")  # NEWOBJ needs a class

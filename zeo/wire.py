@@ -263,8 +263,9 @@ CLIENT_GLOBALS = _client_globals()
 class RefusedGlobals(ProtocolError):
     """A message named globals outside the allow-list.
 
-    Nothing was resolved: each refused global became an inert placeholder,
-    so `message` is still readable and the receiver can answer with a clear
+    Nothing was resolved: each refused global became an inert placeholder
+    (and an allowed one left uncalled stays a type), so `message` is
+    still readable and the receiver can answer with a clear
     error instead of dropping the connection.
     """
 
@@ -309,17 +310,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves globals from an explicit table only.
 
     Nothing is imported on behalf of the peer: a name missing from the
-    table is replaced by `RefusedGlobal` and recorded in `refused`.
+    table is replaced by `RefusedGlobal` and recorded in `refused`.  What
+    it does resolve is recorded in `resolved` (by id), so that a global
+    left in the message as a value, not called, can be refused too.
     """
 
     allowed = {}
 
     def find_class(self, module, name):
         try:
-            return self.allowed[module, name]
+            found = self.allowed[module, name]
         except KeyError:
             self.refused.append("%s.%s" % (module, name))
             return RefusedGlobal
+        self.resolved[id(found)] = "%s.%s" % (module, name)
+        return found
 
 
 class PickleCodec:
@@ -373,6 +378,7 @@ class PickleCodec:
         """Decode a message that may name globals (shape checked)."""
         unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
         unpickler.refused = []
+        unpickler.resolved = {}
         try:
             value = unpickler.load()
         except Exception as exc:
@@ -384,9 +390,37 @@ class PickleCodec:
                 "cannot decode message %s: %s%s"
                 % (short_repr(bytes(payload[:40])), exc, refused)) from None
         message = _as_message(value)
+        if unpickler.resolved:
+            unpickler.refused += _left_uncalled(message, unpickler.resolved)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)
         return message
+
+
+def _left_uncalled(message, resolved):
+    """The names of resolved globals found as values in `message`: the
+    allow-list admits calls of value types, not the types (or functions)
+    themselves, which a method could call on the peer's behalf.
+
+    The walk is bounded: the shape check allows no container to be
+    referenced twice."""
+    found = []
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if id(item) in resolved:
+            found.append("%s (as a value)" % resolved[id(item)])
+        elif type(item) in _WALKED:
+            stack.extend(item)
+            if type(item) is dict:
+                stack.extend(item.values())
+        elif isinstance(item, BaseException):
+            stack.append(item.args)
+            stack.extend(vars(item).values())
+    return found
+
+
+_WALKED = frozenset([tuple, list, set, frozenset, dict, Message])
 
 
 def _new_pickler():
