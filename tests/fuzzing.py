@@ -21,6 +21,7 @@ import pickletools
 import types
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 
@@ -42,11 +43,18 @@ settings.register_profile(
 PROFILE = settings.get_profile("zeo-fuzz-long" if LONG_RUN else "zeo-fuzz")
 
 
+FACTOR = LONG_RUN_FACTOR if LONG_RUN else 1
+
+
 def fuzz_settings(examples, deadline=None):
     """Settings for a fuzzer running `examples` examples in `make test`."""
-    factor = LONG_RUN_FACTOR if LONG_RUN else 1
-    return settings(PROFILE, max_examples=examples * factor,
+    return settings(PROFILE, max_examples=examples * FACTOR,
                     deadline=deadline)
+
+
+def fuzz_timeout(seconds):
+    """A fuzzer module's pytest timeout, `seconds` in `make test`."""
+    return pytest.mark.timeout(seconds * FACTOR)
 
 
 # --- values and messages ----------------------------------------------------

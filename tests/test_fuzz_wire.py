@@ -25,14 +25,15 @@ from hypothesis import strategies as st
 
 import fuzzing
 from fuzzing import (CLIENT_VALUE_TYPES, MSGPACK_VALUE_TYPES,
-                     PICKLE_VALUE_TYPES, Call, Global,
-                     decode_checked, fuzz_settings, msgpack_payloads,
-                     pickle_payloads)
-from hostile_pickles import hostile_message
+                     PICKLE_VALUE_TYPES, decode_checked, fuzz_settings,
+                     fuzz_timeout, msgpack_payloads, pickle_payloads)
+from hostile_pickles import Call, Global, hostile_message
 from zeo import wire
 
 #: Per example: decoding a few kilobytes takes milliseconds.
 DEADLINE_MS = 1000
+
+pytestmark = fuzz_timeout(300)
 
 
 @pytest.fixture(scope="module")

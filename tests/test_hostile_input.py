@@ -29,12 +29,13 @@ import ZODB
 import ZODB.FileStorage
 from ZEO.ClientStorage import ClientStorage
 
-from hostile_pickles import VARIANTS, forbidden_global_pickle, hostile_calls
+from hostile_pickles import VARIANTS, Call, Global, expression_opcodes
+from hostile_pickles import forbidden_global_pickle, hostile_calls
 from hostile_pickles import hostile_message, named_globals
 from raw_client import ConnectionClosed, RawClient, RemoteError, ruok
 from server_process import OURS, cap_memory, memory_kib
 from server_process import start_filestorage_server
-from server_process import temporary_directory
+from server_process import start_configured_server, temporary_directory
 from zeo import wire
 
 IMPL = os.environ.get("ZEO_HOSTILE_IMPL", OURS)
@@ -289,6 +290,36 @@ def test_forbidden_global_is_refused_and_never_runs(served, label,
             assert len(raw.register()) == 8
     time.sleep(0.2)  # a spawned command would need a moment
     assert not os.path.exists(served.marker)
+
+
+@stops_server
+def test_client_conflict_resolution_never_unpickles_a_stored_record():
+    """Server-side conflict resolution unpickles the conflicting records
+    with ZODB's unrestricted class lookup: a record whose class pickle is
+    os.system(...) would run.  With `client-conflict-resolution` the
+    server never looks inside records: the vote hands the conflict to
+    the client to resolve, and nothing runs.
+    """
+    with temporary_directory() as directory:
+        marker = os.path.join(directory, "pwned")
+        server = start_configured_server(
+            directory, "client-conflict-resolution true")
+        try:
+            assert_zeo_client_works(server.address, "root-exists")
+            touch = Call(Global("os", "system"), ["touch " + marker])
+            record = b"\x80\x03" + expression_opcodes(touch) + b"."
+            with RawClient(server.address) as raw:
+                raw.handshake()
+                raw.register()
+                raw.send_oneway("tpc_begin", 5, b"", b"", {})
+                raw.send_oneway("storea", Z64, b"\0" * 7 + b"\1",
+                                record + record, 5)
+                conflicts = raw.call("vote", 5)
+                assert [conflict["oid"] for conflict in conflicts] == [Z64]
+            time.sleep(0.2)
+            assert not os.path.exists(marker)
+        finally:
+            assert server.stop() == 0, server.log[-4000:]
 
 
 def test_forbidden_global_in_one_way_call_after_register(client, served):
