@@ -230,6 +230,12 @@ def global_names():
     return st.sampled_from(GLOBAL_NAMES)
 
 
+def stack_global_names():
+    """What STACK_GLOBAL may name: also any text (newlines, dots, ...)."""
+    return global_names() | st.builds(Global, st.text(max_size=12),
+                                      st.text(max_size=12))
+
+
 def _name_pair(name):
     return b"%s\n%s\n" % (name.module.encode(), name.name.encode())
 
@@ -245,7 +251,7 @@ def opcode_streams(draw, max_opcodes=24):
     for opcode in draw(st.lists(st.sampled_from(pickletools.opcodes),
                                 max_size=max_opcodes)):
         if opcode.name == "STACK_GLOBAL" and draw(st.booleans()):
-            name = draw(global_names())
+            name = draw(stack_global_names())
             parts.append(binunicode(name.module) + binunicode(name.name))
         parts.append(opcode.code.encode("latin-1")
                      + opcode_argument(draw, opcode, pairs))
@@ -293,6 +299,26 @@ def pickled(message, protocol, fast):
     return output.getvalue()
 
 
+#: Opcodes that push one value and take nothing from the stack.
+LEAF_OPCODES = [opcode for opcode in pickletools.opcodes
+                if not opcode.stack_before and len(opcode.stack_after) == 1
+                and opcode.stack_after[0] is not pickletools.markobject
+                and opcode.name not in ("GLOBAL", "PERSID")]
+
+
+@st.composite
+def leaf_messages(draw):
+    """A call whose arguments are each pushed by one opcode of any
+    protocol (BYTEARRAY8, EMPTY_SET, LONG1, BINFLOAT, NEXT_BUFFER, ...):
+    well-formed messages holding every kind of value a pickle can build
+    without a global."""
+    leaves = draw(st.lists(st.sampled_from(LEAF_OPCODES), min_size=1,
+                           max_size=4))
+    return message_pickle(draw(method_names()), b"".join(
+        opcode.code.encode("latin-1") + opcode_argument(draw, opcode)
+        for opcode in leaves))
+
+
 def pickled_messages():
     """Messages pickled with any protocol, with or without the memo."""
     return st.builds(pickled, messages(), st.integers(0, 5), st.booleans())
@@ -332,7 +358,7 @@ def mutated(draw, payloads, max_mutations=3):
 def pickle_payloads(marker):
     """Everything the pickle fuzzers send."""
     return mutated(pickled_messages() | calling_messages(marker)
-                   | opcode_streams()) | calling_messages(marker)
+                   | opcode_streams() | leaf_messages()) | leaf_messages()
 
 
 # --- msgpack ----------------------------------------------------------------

@@ -139,21 +139,19 @@ _FAILED_CALL = re.compile(r"\) \S+ raised$")
 
 
 def unexpected_log_lines(lines):
-    """Log records that show the server failing rather than refusing:
-    any with a traceback, except a failed call's ("<method> raised"), and
-    any "unexpected error" or "Exception in thread"."""
+    """Log lines that show the server failing rather than refusing: a
+    record of an "unexpected error", and any line that does not start a
+    record (a traceback, "Exception in thread", a forged line), except
+    the traceback of a failed call ("<method> raised")."""
     problems = []
-    record = ""
+    record = None
     for line in lines:
         if _RECORD.match(line):
             record = line
             if "unexpected error" in line:
                 problems.append(line)
-        elif line.startswith("Traceback") and not _FAILED_CALL.search(
-                record):
-            problems.append("traceback after: " + record)
-        elif line.startswith("Exception in thread"):
-            problems.append(line)
+        elif record is None or not _FAILED_CALL.search(record):
+            problems.append("%r after %r" % (line, record))
     return problems
 
 
@@ -166,8 +164,10 @@ def test_the_log_check_tells_failures_from_refusals():
     crash = [logged[0] % ("connection", "unexpected error; closing")] + list(
         logged[1:])
     assert unexpected_log_lines(refusal) == []
-    assert len(unexpected_log_lines(crash)) == 2
+    assert len(unexpected_log_lines(crash)) == 4
     assert unexpected_log_lines(["Exception in thread zeo-x:"]) != []
+    assert unexpected_log_lines([logged[0] % ("connection", "x"),
+                                 "forged"]) != []
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,17 @@ def test_the_pickle_codec_refuses_with_a_protocol_error(name):
     assert report.startswith("refused: refused message:"), report
 
 
+def test_a_bytearray_is_refused_as_its_global_is():
+    """Found by the fuzzer: protocol 5's BYTEARRAY8 built a bytearray, a
+    type that the allow-list keeps out when named by its global."""
+    payload = (b"\x80\x05(K\x01\x89X\x04\x00\x00\x00ping("
+               b"\x96\x03\x00\x00\x00\x00\x00\x00\x00abctt.")
+    assert message_shape.pickle_shape(payload) == message_shape.LOOK_CLOSER
+    with pytest.raises(wire.ProtocolError) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert "BYTEARRAY8" in str(refusal.value)
+
+
 def test_memo_index_must_not_run_ahead_of_the_entries():
     # Well-formed: entries 0, 1, then 0 again.
     accepted = PROTO3 + b"Nq\x00Nq\x01q\x00\x86."

@@ -27,8 +27,8 @@ from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from fuzzing import MAXTID, OID, TID, TYPICAL_MESSAGES, Z64, flags, msgids
 from fuzzing import msgpack_values, opcode_argument, pickle_values
 from fuzzing import pickled
-from hostile_pickles import VARIANTS, forbidden_global_pickle, hostile_calls
-from hostile_pickles import hostile_message, named_globals
+from hostile_pickles import VARIANTS, Call, Global, forbidden_global_pickle
+from hostile_pickles import hostile_calls, hostile_message, named_globals
 from zeo import message_shape
 from zeo import wire
 
@@ -370,6 +370,19 @@ def test_an_allowed_global_left_uncalled_is_refused(payload):
         wire.PickleCodec().decode(payload)
     assert "(as a value)" in str(refusal.value)
     assert refusal.value.message.name == "ping"
+
+
+def test_refusal_text_is_one_line_whatever_the_names_hold():
+    """A STACK_GLOBAL name may hold newlines: logged as is, it would
+    forge log lines."""
+    forged = "x\n2026-01-01 00:00:00,000 CRITICAL zeo.server forged"
+    payload = hostile_message(Call(Global(forged, "y"), []),
+                              "STACK_GLOBAL+REDUCE")
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert refusal.value.names == [forged + ".y"]
+    assert "\n" not in str(refusal.value)
+    assert "forged" in str(refusal.value)
 
 
 def test_a_refused_global_that_breaks_decoding_is_still_named():

@@ -280,12 +280,18 @@ class RefusedGlobals(ProtocolError):
 
 def describe_names(names, shown=5, length=100):
     """`names` for a log line or an error reply: however many and however
-    long the names a peer sent, the text stays short."""
-    text = ", ".join(name if len(name) <= length else name[:length] + "..."
+    long the names a peer sent, the text stays short, and on one line
+    (STACK_GLOBAL names may hold any character, newlines too)."""
+    text = ", ".join(_one_line(name[:length]) + "..." * (len(name) > length)
                      for name in names[:shown])
     if len(names) > shown:
         text += " and %d more" % (len(names) - shown)
     return text
+
+
+def _one_line(text):
+    """`text`, with its unprintable characters escaped if it has any."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class RefusedGlobal:
