@@ -230,10 +230,16 @@ def global_names():
     return st.sampled_from(GLOBAL_NAMES)
 
 
+#: Names no GLOBAL opcode can carry: a newline (which would forge a log
+#: line if written as is), a dot path, a NUL, nothing.
+ODD_NAMES = ["x\n2026-12-07 12:00:00,000 CRITICAL zeo.server forged",
+             "os\nsystem", "os.path", "builtins\r", "\0", ""]
+
+
 def stack_global_names():
-    """What STACK_GLOBAL may name: also any text (newlines, dots, ...)."""
-    return global_names() | st.builds(Global, st.text(max_size=12),
-                                      st.text(max_size=12))
+    """What STACK_GLOBAL may name: also any text."""
+    text = st.sampled_from(ODD_NAMES) | st.text(max_size=12)
+    return global_names() | st.builds(Global, text, text)
 
 
 def _name_pair(name):
@@ -262,15 +268,20 @@ def opcode_streams(draw, max_opcodes=24):
 
 
 def expressions(marker):
-    """Values and calls of `GLOBAL_NAMES`, nested, whose arguments are
-    often the marker path or a command creating it."""
+    """Values and calls of globals (`GLOBAL_NAMES` and any text), nested,
+    whose arguments are often the marker path or a command creating it;
+    a callee is a global or the result of calling one."""
+    names = stack_global_names()
     leaves = (st.sampled_from([marker, "touch " + marker,
                                "open(%r, 'w').close()" % marker, "os"])
               | st.text(max_size=6) | st.integers(-2 ** 31, 2 ** 31 - 1)
               | st.lists(st.sampled_from(["touch", marker]), max_size=3)
-              | global_names())
-    return st.recursive(leaves, lambda inner: st.builds(
-        Call, inner, st.lists(inner, max_size=3)), max_leaves=6)
+              | names)
+
+    def calls(inner):
+        callees = names | st.builds(Call, names, st.lists(inner, max_size=2))
+        return st.builds(Call, callees, st.lists(inner, max_size=3))
+    return st.recursive(leaves, calls, max_leaves=6)
 
 
 @st.composite
@@ -455,12 +466,14 @@ def decode_checked(codec, payload, allowed):
         # globals, and allowed ones that were not called, may remain.
         assert type(refused.message) is wire.Message
         assert refused.names
+        assert "\n" not in str(refused), "a log line must stay one line"
         assert not foreign_types(tuple(refused.message), allowed | {
             wire.RefusedGlobal, type, types.FunctionType})
         event("refused: RefusedGlobals")
         return refused
     except wire.ProtocolError as error:
         event("refused: %s" % type(error).__name__)
+        assert "\n" not in str(error), "a log line must stay one line"
         return error
     event("decoded")
     assert type(message) is wire.Message

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 import fuzzing
 from fuzzing import (CLIENT_VALUE_TYPES, MSGPACK_VALUE_TYPES,
-                     PICKLE_VALUE_TYPES, decode_checked, fuzz_settings,
-                     fuzz_timeout, msgpack_payloads, pickle_payloads)
+                     PICKLE_VALUE_TYPES, calling_messages, decode_checked,
+                     fuzz_settings, fuzz_timeout, msgpack_payloads,
+                     pickle_payloads)
 from hostile_pickles import Call, Global, hostile_message
 from zeo import wire
 
@@ -67,6 +68,16 @@ def test_pickle_decoding_returns_plain_values_or_refuses(marker, data):
     decode_checked(wire.PickleCodec(), payload, PICKLE_VALUE_TYPES)
     decode_checked(wire.PickleCodec(wire.CLIENT_GLOBALS), payload,
                    CLIENT_VALUE_TYPES)
+    assert not os.path.exists(marker), "decoding %r ran code" % payload
+
+
+@fuzz_settings(400, DEADLINE_MS)
+@given(data=st.data())
+def test_calls_of_any_global_are_refused_and_never_run(marker, data):
+    """Well-formed messages calling dangerous, allowed and odd globals
+    (any text, as STACK_GLOBAL allows) through every calling opcode."""
+    payload = data.draw(calling_messages(marker), label="payload")
+    decode_checked(wire.PickleCodec(), payload, PICKLE_VALUE_TYPES)
     assert not os.path.exists(marker), "decoding %r ran code" % payload
 
 
