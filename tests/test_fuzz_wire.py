@@ -61,7 +61,7 @@ def test_the_marker_does_detect_code_that_ran(marker):
         os.unlink(marker)
 
 
-@fuzz_settings(700, DEADLINE_MS)
+@fuzz_settings(500, DEADLINE_MS)
 @given(data=st.data())
 def test_pickle_decoding_returns_plain_values_or_refuses(marker, data):
     payload = data.draw(pickle_payloads(marker), label="payload")
@@ -81,7 +81,7 @@ def test_calls_of_any_global_are_refused_and_never_run(marker, data):
     assert not os.path.exists(marker), "decoding %r ran code" % payload
 
 
-@fuzz_settings(800, DEADLINE_MS)
+@fuzz_settings(600, DEADLINE_MS)
 @given(payload=msgpack_payloads())
 def test_msgpack_decoding_returns_plain_values_or_refuses(payload):
     decode_checked(wire.MsgpackCodec(), payload, MSGPACK_VALUE_TYPES)
