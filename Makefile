@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test fuzz bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The fuzzers of `make test`, with ZEO_FUZZ_FACTOR (default 50) times as
+# many examples, randomized: tests/fuzzing.py.
+fuzz: $(STAMP)
+	ZEO_FUZZ=long $(PY) -m pytest tests/test_fuzz_wire.py \
+		tests/test_fuzz_server.py --hypothesis-show-statistics
 
 # Extra bench flags, e.g. make bench BENCH_ARGS=--reconnect-only
 BENCH_ARGS ?=

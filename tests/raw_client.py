@@ -29,15 +29,11 @@ API:
   ``read_frame``.
 * ``ruok(address)`` runs the monitoring probe: returns the greeting and the
   decoded JSON status.
-* ``forbidden_global_pickle(module, name, *arguments)`` builds a `register`
-  call message whose storage name is ``module.name(*arguments)`` via
-  REDUCE, to check that a decoder refuses it.
 """
 
 import collections
 import json
 import socket
-import struct
 import time
 
 from zeo import wire
@@ -204,33 +200,3 @@ def ruok(address, timeout=10):
         if not client.is_closed(timeout):
             raise AssertionError("server kept the ruok connection open")
     return greeting, status
-
-
-def _binunicode(text):
-    data = text.encode("utf-8")
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _pickled_argument(argument):
-    """A str, or a list of str, as protocol-3 opcodes."""
-    if isinstance(argument, str):
-        return _binunicode(argument)
-    return b"](" + b"".join(_binunicode(item) for item in argument) + b"e"
-
-
-def forbidden_global_pickle(module, name, *arguments, stack_global=False):
-    """A `register` call message whose storage name is module.name(*arguments).
-
-    Each argument is a str or a list of str.  The pickle is built opcode by
-    opcode (protocol 3, GLOBAL or STACK_GLOBAL, then REDUCE), as an attacker
-    would, so no local object is involved.  A safe decoder refuses it
-    without calling anything.
-    """
-    if stack_global:
-        callable_ = _binunicode(module) + _binunicode(name) + b"\x93"
-    else:
-        callable_ = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-    return (b"\x80\x03(K\x01\x89" + _binunicode("register")
-            + callable_ + b"("
-            + b"".join(_pickled_argument(arg) for arg in arguments)
-            + b"tR\x89\x86t.")

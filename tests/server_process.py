@@ -7,6 +7,7 @@ waits until it accepts connections, and stops it by PID.
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -36,6 +37,17 @@ def memory_kib(pid, field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+#: Safety net: a server that tries to honour an absurd length or expand a
+#: reference bomb hits this cap instead of taking the machine down.
+SERVER_MEMORY_CAP = 2 * 1024 ** 3
+
+
+def cap_memory(pid, cap=SERVER_MEMORY_CAP):
+    """Limit process `pid`'s data memory, so a runaway allocation fails
+    fast."""
+    resource.prlimit(pid, resource.RLIMIT_DATA, (cap, cap))
 
 
 def reset_peak_memory(pid):

@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import signal
 import threading
 import time
@@ -30,10 +29,13 @@ import ZODB
 import ZODB.FileStorage
 from ZEO.ClientStorage import ClientStorage
 
-from raw_client import (ConnectionClosed, RawClient, RemoteError,
-                        forbidden_global_pickle, ruok)
-from server_process import OURS, memory_kib, start_filestorage_server
-from server_process import temporary_directory
+from hostile_pickles import VARIANTS, Call, Global, expression_opcodes
+from hostile_pickles import forbidden_global_pickle, hostile_calls
+from hostile_pickles import hostile_message, named_globals
+from raw_client import ConnectionClosed, RawClient, RemoteError, ruok
+from server_process import OURS, cap_memory, memory_kib
+from server_process import start_filestorage_server
+from server_process import start_configured_server, temporary_directory
 from zeo import wire
 
 IMPL = os.environ.get("ZEO_HOSTILE_IMPL", OURS)
@@ -43,9 +45,6 @@ STATUS_KEYS = {
     "connections", "loads", "stores", "commits", "aborts", "active_txns",
     "lock_time", "conflicts", "conflicts_resolved", "start", "waiting",
     "timeout-thread-is-alive", "last-transaction"}
-#: Safety net: a server that tries to honour an absurd length or expand a
-#: reference bomb hits this cap instead of taking the machine down.
-SERVER_MEMORY_CAP = 2 * 1024 ** 3
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,12 +67,6 @@ class Served:
 
     def log_tail(self):
         return self.process.log[-4000:]
-
-
-def cap_memory(pid):
-    """Limit the server's data memory, so a runaway allocation fails fast."""
-    resource.prlimit(pid, resource.RLIMIT_DATA,
-                     (SERVER_MEMORY_CAP, SERVER_MEMORY_CAP))
 
 
 @pytest.fixture(scope="module")
@@ -267,35 +260,66 @@ def test_raw_bytes_that_are_not_a_frame_close(fresh, served):
 
 # --- forbidden globals -------------------------------------------------------
 
-def _closed_or_error_reply(raw, timeout=5):
-    """'closed', or 'error' if the server answered msgid 1 with an error."""
-    try:
-        message = raw.read_message(timeout)
-    except ConnectionClosed:
-        return "closed"
-    assert message.msgid == 1 and message.flag == wire.ERROR_REPLY, message
-    return "error"
-
-
-@pytest.mark.parametrize("target", [
-    ("os", "system", "touch {marker}"),
-    ("posix", "system", "touch {marker}"),
-    ("builtins", "eval", "open({marker!r}, 'w').close()"),
-    ("builtins", "exec", "open({marker!r}, 'w').close()"),
-    ("subprocess", "getoutput", "touch {marker}"),
-], ids=lambda target: "%s.%s" % target[:2])
-@pytest.mark.parametrize("stack_global", [False, True],
-                         ids=["GLOBAL", "STACK_GLOBAL"])
-def test_forbidden_global_never_runs(fresh, served, target, stack_global):
-    module, name, argument = target
-    payload = forbidden_global_pickle(
-        module, name, argument.format(marker=served.marker),
-        stack_global=stack_global)
-    fresh.handshake()
-    fresh.send_raw_frame(payload)
-    outcome = _closed_or_error_reply(fresh)
+@pytest.mark.parametrize("label", list(hostile_calls("marker")))
+@pytest.mark.parametrize("registered", [False, True],
+                         ids=["before-register", "after-register"])
+def test_forbidden_global_is_refused_and_never_runs(served, label,
+                                                    registered):
+    """A dangerous global called through REDUCE (after GLOBAL, and after
+    STACK_GLOBAL), INST and OBJ, in a two-way call before and after
+    register: each call gets an error reply naming every global it named,
+    the connection stays usable, and the file the call would create (the
+    marker) never appears."""
+    expression = hostile_calls(served.marker)[label]
+    method = "loadBefore" if registered else "register"
+    with RawClient(served.address) as raw:
+        raw.handshake()
+        if registered:
+            raw.register()
+        for msgid, variant in enumerate(VARIANTS, start=1):
+            raw.send_raw_frame(hostile_message(expression, variant, method,
+                                               msgid))
+            with pytest.raises(RemoteError) as refusal:
+                raw.wait_reply(msgid)
+            assert refusal.value.class_name == "builtins.ValueError"
+            for name in named_globals(expression):
+                assert name in refusal.value.payload[0], variant
+        if registered:
+            assert_usable(raw)
+        else:
+            assert len(raw.register()) == 8
     time.sleep(0.2)  # a spawned command would need a moment
-    assert not os.path.exists(served.marker), outcome
+    assert not os.path.exists(served.marker)
+
+
+@stops_server
+def test_client_conflict_resolution_never_unpickles_a_stored_record():
+    """Server-side conflict resolution unpickles the conflicting records
+    with ZODB's unrestricted class lookup: a record whose class pickle is
+    os.system(...) would run.  With `client-conflict-resolution` the
+    server never looks inside records: the vote hands the conflict to
+    the client to resolve, and nothing runs.
+    """
+    with temporary_directory() as directory:
+        marker = os.path.join(directory, "pwned")
+        server = start_configured_server(
+            directory, "client-conflict-resolution true")
+        try:
+            assert_zeo_client_works(server.address, "root-exists")
+            touch = Call(Global("os", "system"), ["touch " + marker])
+            record = b"\x80\x03" + expression_opcodes(touch) + b"."
+            with RawClient(server.address) as raw:
+                raw.handshake()
+                raw.register()
+                raw.send_oneway("tpc_begin", 5, b"", b"", {})
+                raw.send_oneway("storea", Z64, b"\0" * 7 + b"\1",
+                                record + record, 5)
+                conflicts = raw.call("vote", 5)
+                assert [conflict["oid"] for conflict in conflicts] == [Z64]
+            time.sleep(0.2)
+            assert not os.path.exists(marker)
+        finally:
+            assert server.stop() == 0, server.log[-4000:]
 
 
 def test_forbidden_global_in_one_way_call_after_register(client, served):

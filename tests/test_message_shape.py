@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_wire import MEMO_PUT_OPCODES, _pickled, msgpack_values
-from test_wire import pickle_values
+from fuzzing import msgpack_values, pickle_values, pickled
+from test_wire import MEMO_PUT_OPCODES
 from zeo import message_shape
 from zeo import wire
 from zeo.message_shape import ShapeError
@@ -114,6 +114,17 @@ def test_the_pickle_codec_refuses_with_a_protocol_error(name):
     assert report.startswith("refused: refused message:"), report
 
 
+def test_a_bytearray_is_refused_as_its_global_is():
+    """Found by the fuzzer: protocol 5's BYTEARRAY8 built a bytearray, a
+    type that the allow-list keeps out when named by its global."""
+    payload = (b"\x80\x05(K\x01\x89X\x04\x00\x00\x00ping("
+               b"\x96\x03\x00\x00\x00\x00\x00\x00\x00abctt.")
+    assert message_shape.pickle_shape(payload) == message_shape.LOOK_CLOSER
+    with pytest.raises(wire.ProtocolError) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert "BYTEARRAY8" in str(refusal.value)
+
+
 def test_memo_index_must_not_run_ahead_of_the_entries():
     # Well-formed: entries 0, 1, then 0 again.
     accepted = PROTO3 + b"Nq\x00Nq\x01q\x00\x86."
@@ -150,8 +161,8 @@ def test_a_long4_integer_of_ordinary_size_passes():
     [(os.urandom(8), os.urandom(8)) for _ in range(20000)],
 ], ids=["oids", "ints", "dict", "pairs"])
 def test_large_ordinary_messages_pass(values, protocol, fast):
-    payload = _pickled((0, True, "invalidateTransaction",
-                        (b"\0" * 8, values)), protocol, fast)
+    payload = pickled((0, True, "invalidateTransaction",
+                       (b"\0" * 8, values)), protocol, fast)
     message_shape.check_pickle_shape(payload)
     assert wire.PickleCodec().decode(payload).args[1] == values
 
@@ -173,7 +184,7 @@ def test_the_budget_scales_with_the_payload():
 @given(value=pickle_values(), protocol=st.sampled_from([3, 4, 5]),
        fast=st.booleans())
 def test_any_pickled_value_passes_the_checks(value, protocol, fast):
-    payload = _pickled((7, False, "x", (value,)), protocol, fast)
+    payload = pickled((7, False, "x", (value,)), protocol, fast)
     message_shape.check_pickle_closely(payload)
     message_shape.check_pickle_shape(payload)
 

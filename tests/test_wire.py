@@ -7,7 +7,6 @@ encoder and decoder), never as code under test.
 
 import datetime
 import decimal
-import io
 import math
 import os
 import pickle
@@ -25,14 +24,13 @@ from hypothesis import strategies as st
 from ZEO.asyncio import marshal as zeo_marshal
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 
-from raw_client import forbidden_global_pickle
+from fuzzing import MAXTID, OID, TID, TYPICAL_MESSAGES, Z64, flags, msgids
+from fuzzing import msgpack_values, opcode_argument, pickle_values
+from fuzzing import pickled
+from hostile_pickles import VARIANTS, Call, Global, forbidden_global_pickle
+from hostile_pickles import hostile_calls, hostile_message, named_globals
 from zeo import message_shape
 from zeo import wire
-
-Z64 = b"\0" * 8
-MAXTID = b"\x7f" + b"\xff" * 7
-OID = b"\0\0\0\0\0\0\0\x07"
-TID = b"\x03\xf5\x1b\x22\x33\x44\x55\x66"
 
 quick = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -169,47 +167,6 @@ def test_default_frame_limit_is_below_2_to_the_31():
 
 # --- message values --------------------------------------------------------
 
-scalars = (st.none() | st.booleans()
-           | st.integers(min_value=-2 ** 63, max_value=2 ** 64 - 1)
-           | st.floats(allow_nan=False) | st.binary(max_size=40)
-           | st.text(max_size=20))
-
-
-def msgpack_values():
-    """Values msgpack can carry: map keys str or bytes."""
-    return st.recursive(
-        scalars,
-        lambda inner: (st.lists(inner, max_size=4)
-                       | st.lists(inner, max_size=4).map(tuple)
-                       | st.dictionaries(st.text(max_size=8)
-                                         | st.binary(max_size=8),
-                                         inner, max_size=4)),
-        max_leaves=20)
-
-
-def pickle_values():
-    """Values the pickle encoding carries: also huge ints, tuple keys."""
-    keys = (st.text(max_size=8) | st.binary(max_size=8) | st.integers()
-            | st.tuples(st.binary(max_size=8), st.integers()))
-    return st.recursive(
-        scalars | st.integers(),
-        lambda inner: (st.lists(inner, max_size=4)
-                       | st.lists(inner, max_size=4).map(tuple)
-                       | st.dictionaries(keys, inner, max_size=4)),
-        max_leaves=20)
-
-
-def msgids():
-    return (st.integers(min_value=-1, max_value=2 ** 48)
-            | st.tuples(st.binary(min_size=8, max_size=8),
-                        st.binary(min_size=8, max_size=8))
-            | st.text(max_size=5) | st.none())
-
-
-def flags():
-    return st.sampled_from([False, True, 0, 2])
-
-
 def typed(value, lists_as_tuples=False):
     """A structure that compares types as well as values (True != 1)."""
     if isinstance(value, (list, tuple)):
@@ -266,25 +223,6 @@ def test_pickle_reply_value_round_trip(value):
                                         wire.REPLY_NAME, value))
     assert typed(message.args) == typed(value)
     assert message.msgid == (Z64, MAXTID)
-
-
-TYPICAL_MESSAGES = [
-    (1, False, "register", ("1", False)),
-    (2, False, "get_info", ()),
-    ((OID, MAXTID), False, "loadBefore", (OID, MAXTID)),
-    ((OID, MAXTID), 0, ".reply", (b"\x80\x03record", TID, None)),
-    (0, True, "tpc_begin", (0x7F3A_1B2C_3D4E, b"/ alice", b"first change",
-                            {"x": 1.5}, None, " ")),
-    (0, True, "storea", (OID, Z64, b"data" * 100, 0x7F3A_1B2C_3D4E)),
-    (6, False, "vote", (0x7F3A_1B2C_3D4E,)),
-    (6, 0, ".reply", [OID]),
-    (7, 0, ".reply", TID),
-    (0, True, "invalidateTransaction", (TID, [OID, Z64])),
-    (0, True, "info", ({"length": 3, "size": 588},)),
-    (9, 2, ".reply", ("ZODB.POSException.POSKeyError", (OID,))),
-    (-1, 0, ".reply", None),
-    ("abc", False, "ping", ()),
-]
 
 
 @pytest.mark.parametrize("message", TYPICAL_MESSAGES)
@@ -387,43 +325,72 @@ def test_msgpack_encodes_sets_as_arrays():
 
 # --- the restricted unpickler ------------------------------------------------
 
-def _hostile_targets(marker):
-    """(module, name, arguments): each would create `marker` if called."""
-    create = "open(%r, 'w').close()" % marker
-    return [
-        ("os", "system", ("touch " + marker,)),
-        ("posix", "system", ("touch " + marker,)),
-        ("builtins", "eval", (create,)),
-        ("builtins", "exec", (create,)),
-        ("builtins", "open", (marker, "w")),
-        ("builtins", "__import__", ("os",)),
-        ("builtins", "getattr", ("os", "system")),
-        ("subprocess", "Popen", (["touch", marker],)),
-        ("__builtin__", "eval", (create,)),
-        ("copy_reg", "_reconstructor", ("x",)),
-        ("zodbpickle", "pickle", ("x",)),
-    ]
+HOSTILE_LABELS = list(hostile_calls("marker"))
 
 
-HOSTILE_IDS = ["os.system", "posix.system", "builtins.eval", "builtins.exec",
-               "builtins.open", "builtins.__import__", "builtins.getattr",
-               "subprocess.Popen", "__builtin__.eval", "copy_reg",
-               "zodbpickle.pickle"]
-
-
-@pytest.mark.parametrize("index", range(len(HOSTILE_IDS)), ids=HOSTILE_IDS)
-@pytest.mark.parametrize("stack_global", [False, True],
-                         ids=["GLOBAL", "STACK_GLOBAL"])
-def test_forbidden_global_with_reduce_is_refused_and_never_runs(
-        tmp_path, index, stack_global):
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("label", HOSTILE_LABELS)
+def test_forbidden_global_call_is_refused_naming_it_and_never_runs(
+        tmp_path, label, variant):
+    """Each way of calling a dangerous global, down to chains such as
+    getattr(__import__("os"), "system")(...): the decoder refuses every
+    global it names, says which, and runs none."""
     marker = str(tmp_path / "pwned")
-    module, name, arguments = _hostile_targets(marker)[index]
-    payload = forbidden_global_pickle(module, name, *arguments,
-                                      stack_global=stack_global)
+    expression = hostile_calls(marker)[label]
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(hostile_message(expression, variant))
+    assert set(refusal.value.names) == named_globals(expression)
+    for name in named_globals(expression):
+        assert name in str(refusal.value)
+    assert refusal.value.message.name == "register"
+    assert not os.path.exists(marker)
+
+
+def test_refusal_text_stays_short_however_many_globals():
+    names = "".join("cm%d\nf%s\n0" % (number, "x" * 500)
+                    for number in range(50))
+    payload = (b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping(" + names.encode()
+               + b"tt.")
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert len(refusal.value.names) == 50
+    assert len(str(refusal.value)) < 700
+    assert str(refusal.value).endswith("and 45 more")
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping(c__builtin__\nfrozenset\n}btt.",
+    b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping(}cbuiltins\ndict\nNstt.",
+    b"\x80\x02(K\x01\x89X\x04\x00\x00\x00ping(czodbpickle\nbinary\ntt.",
+], ids=["BUILD", "dict-key", "bare"])
+def test_an_allowed_global_left_uncalled_is_refused(payload):
+    """Found by the fuzzer: a message could carry `frozenset` or
+    `zodbpickle.binary` themselves, callables a method might call."""
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert "(as a value)" in str(refusal.value)
+    assert refusal.value.message.name == "ping"
+
+
+def test_refusal_text_is_one_line_whatever_the_names_hold():
+    """A STACK_GLOBAL name may hold newlines: logged as is, it would
+    forge log lines."""
+    forged = "x\n2026-01-01 00:00:00,000 CRITICAL zeo.server forged"
+    payload = hostile_message(Call(Global(forged, "y"), []),
+                              "STACK_GLOBAL+REDUCE")
+    with pytest.raises(wire.RefusedGlobals) as refusal:
+        wire.PickleCodec().decode(payload)
+    assert refusal.value.names == [forged + ".y"]
+    assert "\n" not in str(refusal.value)
+    assert "forged" in str(refusal.value)
+
+
+def test_a_refused_global_that_breaks_decoding_is_still_named():
+    payload = (b"\x80\x03(K\x01\x89X\x04\x00\x00\x00ping"
+               b"cos\nsystem\n\x81t.")  # NEWOBJ needs a class
     with pytest.raises(wire.ProtocolError) as refusal:
         wire.PickleCodec().decode(payload)
-    assert "%s.%s" % (module, name) in str(refusal.value)
-    assert not os.path.exists(marker)
+    assert "os.system" in str(refusal.value)
 
 
 class _Reducer:
@@ -648,14 +615,6 @@ def test_every_calling_opcode_is_known_to_the_walk():
             assert step == 0, opcode.name
 
 
-def _pickled(message, protocol, fast):
-    output = io.BytesIO()
-    pickler = pickle.Pickler(output, protocol)
-    pickler.fast = fast
-    pickler.dump(message)
-    return output.getvalue()
-
-
 @quick
 @given(msgid=msgids(), flag=flags(), name=st.text(max_size=30),
        args=st.lists(pickle_values(), max_size=5).map(tuple),
@@ -663,7 +622,7 @@ def _pickled(message, protocol, fast):
 def test_quick_and_restricted_decoding_agree(msgid, flag, name, args,
                                              protocol, fast):
     message = (msgid, flag, name, args)
-    payload = _pickled(message, protocol, fast)
+    payload = pickled(message, protocol, fast)
     codec = wire.PickleCodec()
     decoded = codec.decode(payload)
     message_shape.check_pickle_shape(payload)
@@ -738,32 +697,6 @@ def test_a_pickle_with_a_global_or_call_never_takes_the_quick_path(
     assert plain_loads == [(plain,)]
 
 
-def _opcode_argument(draw, opcode):
-    """Draw a well-formed argument for `opcode`."""
-    arg = opcode.arg
-    if arg is None:
-        return b""
-    if arg.n >= 0:
-        return draw(st.binary(min_size=arg.n, max_size=arg.n))
-    if arg.n == pickletools.UP_TO_NEWLINE:
-        if arg.name == "stringnl_noescape_pair":
-            return b"builtins\nset\n"
-        if arg.name in ("stringnl", "stringnl_noescape"):
-            return b"'abc'\n" if arg.name == "stringnl" else b"abc\n"
-        if arg.name == "unicodestringnl":
-            return b"abc\n"
-        return str(draw(st.integers(0, 300))).encode() + b"\n"
-    if "unicode" in arg.name:
-        data = draw(st.text(max_size=6)).encode("utf-8")
-    else:
-        data = draw(st.binary(max_size=6))
-    width = {pickletools.TAKEN_FROM_ARGUMENT1: 1,
-             pickletools.TAKEN_FROM_ARGUMENT4: 4,
-             pickletools.TAKEN_FROM_ARGUMENT4U: 4,
-             pickletools.TAKEN_FROM_ARGUMENT8U: 8}[arg.n]
-    return len(data).to_bytes(width, "little") + data
-
-
 @st.composite
 def opcode_streams(draw):
     """Opcode sequences with well-formed arguments, usually ending at STOP,
@@ -780,7 +713,7 @@ def opcode_streams(draw):
     for _ in range(draw(st.integers(0, 2))):  # anywhere
         chosen.insert(draw(st.integers(0, len(chosen))), draw(anything))
     payload = b"".join(opcode.code.encode("latin-1")
-                       + _opcode_argument(draw, opcode) for opcode in chosen)
+                       + opcode_argument(draw, opcode) for opcode in chosen)
     return payload + draw(st.sampled_from([b".", b".", b".", b"", b".N",
                                            b".."]))
 
@@ -822,7 +755,7 @@ def test_quick_walk_needs_the_stop_at_the_end():
 
 
 def test_globals_do_not_prevent_the_shape_shortcut():
-    payload = _pickled((1, False, "x", ({1, 2}, b"\x00" * 5000)), 3, True)
+    payload = pickled((1, False, "x", ({1, 2}, b"\x00" * 5000)), 3, True)
     assert message_shape.pickle_shape(payload) == message_shape.PLAIN
     assert wire.PickleCodec().decode(payload).args == ({1, 2}, b"\x00" * 5000)
 
@@ -852,7 +785,7 @@ def test_an_encoding_that_fails_leaves_the_codec_usable():
     kept = codec.encode(1, False, "x", (b"y" * 1000,))
     with pytest.raises(Exception):
         codec.encode(2, False, "x", (b"z" * 3000, lambda: None))
-    assert codec.encode(3, False, "x", ()) == _pickled(
+    assert codec.encode(3, False, "x", ()) == pickled(
         (3, False, "x", ()), 3, fast=True)
     assert pickle.loads(kept) == (1, False, "x", (b"y" * 1000,))
 

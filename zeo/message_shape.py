@@ -50,7 +50,11 @@ def decoding_budget(payload_length):
 
 # --- pickles: the quick walk ---------------------------------------------
 
-_REFUSED_OPCODES = frozenset(["PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"])
+#: Persistent ids and the extension registry name objects outside the
+#: message; BYTEARRAY8 (protocol 5) builds a bytearray, a type messages
+#: may not hold (the global `bytearray` is refused too).
+_REFUSED_OPCODES = frozenset(["PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4",
+                              "BYTEARRAY8"])
 _MEMO_PUTS = frozenset(["PUT", "BINPUT", "LONG_BINPUT"])
 _MEMO_GETS = frozenset(["GET", "BINGET", "LONG_BINGET"])
 _GLOBALS = frozenset(["GLOBAL", "STACK_GLOBAL"])

@@ -275,24 +275,50 @@ CLIENT_GLOBALS = _client_globals()
 class RefusedGlobals(ProtocolError):
     """A message named globals outside the allow-list.
 
-    Nothing was resolved: each refused global became an inert placeholder,
-    so `message` is still readable and the receiver can answer with a clear
+    Nothing was resolved: each refused global became an inert placeholder
+    (and an allowed one left uncalled stays a type), so `message` is
+    still readable and the receiver can answer with a clear
     error instead of dropping the connection.
     """
 
     def __init__(self, message, names):
+        names = list(dict.fromkeys(names))
         ProtocolError.__init__(
             self, "refused global%s %s" % ("s" if len(names) > 1 else "",
-                                           ", ".join(names)))
+                                           describe_names(names)))
         self.message = message
         self.names = names
 
 
+def describe_names(names, shown=5, length=100):
+    """`names` for a log line or an error reply: however many and however
+    long the names a peer sent, the text stays short, and on one line
+    (STACK_GLOBAL names may hold any character, newlines too)."""
+    text = ", ".join(_one_line(name[:length]) + "..." * (len(name) > length)
+                     for name in names[:shown])
+    if len(names) > shown:
+        text += " and %d more" % (len(names) - shown)
+    return text
+
+
+def _one_line(text):
+    """`text`, with its unprintable characters escaped if it has any."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class RefusedGlobal:
-    """Stands in for a refused global; accepts and ignores everything."""
+    """Stands in for a refused global; accepts and ignores everything.
+
+    Calling an instance gives it back, so a chain such as
+    ``getattr(__import__("os"), "system")(...)`` decodes to the end and
+    every name it refused is reported, not just a failed call.
+    """
 
     def __init__(self, *args, **kwargs):
         pass
+
+    def __call__(self, *args, **kwargs):
+        return self
 
     def __setstate__(self, state):
         pass
@@ -302,17 +328,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves globals from an explicit table only.
 
     Nothing is imported on behalf of the peer: a name missing from the
-    table is replaced by `RefusedGlobal` and recorded in `refused`.
+    table is replaced by `RefusedGlobal` and recorded in `refused`.  What
+    it does resolve is recorded in `resolved` (by id), so that a global
+    left in the message as a value, not called, can be refused too.
     """
 
     allowed = {}
 
     def find_class(self, module, name):
         try:
-            return self.allowed[module, name]
+            found = self.allowed[module, name]
         except KeyError:
             self.refused.append("%s.%s" % (module, name))
             return RefusedGlobal
+        self.resolved[id(found)] = "%s.%s" % (module, name)
+        return found
 
 
 class PickleCodec:
@@ -366,16 +396,49 @@ class PickleCodec:
         """Decode a message that may name globals (shape checked)."""
         unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
         unpickler.refused = []
+        unpickler.resolved = {}
         try:
             value = unpickler.load()
         except Exception as exc:
+            refused = ""
+            if unpickler.refused:
+                refused = " (it named refused %s)" % describe_names(
+                    list(dict.fromkeys(unpickler.refused)))
             raise ProtocolError(
-                "cannot decode message %s: %s"
-                % (short_repr(bytes(payload[:40])), exc)) from None
+                "cannot decode message %s: %s%s"
+                % (short_repr(bytes(payload[:40])), exc, refused)) from None
         message = _as_message(value)
+        if unpickler.resolved:
+            unpickler.refused += _left_uncalled(message, unpickler.resolved)
         if unpickler.refused:
             raise RefusedGlobals(message, unpickler.refused)
         return message
+
+
+def _left_uncalled(message, resolved):
+    """The names of resolved globals found as values in `message`: the
+    allow-list admits calls of value types, not the types (or functions)
+    themselves, which a method could call on the peer's behalf.
+
+    The walk is bounded: the shape check allows no container to be
+    referenced twice."""
+    found = []
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if id(item) in resolved:
+            found.append("%s (as a value)" % resolved[id(item)])
+        elif type(item) in _WALKED:
+            stack.extend(item)
+            if type(item) is dict:
+                stack.extend(item.values())
+        elif isinstance(item, BaseException):
+            stack.append(item.args)
+            stack.extend(vars(item).values())
+    return found
+
+
+_WALKED = frozenset([tuple, list, set, frozenset, dict, Message])
 
 
 def _new_pickler():

@@ -321,7 +321,8 @@ class ServerConnection:
         logger.error("(%s) %s in call %s", self.label, refused,
                      wire.short_repr(message.name))
         error = ValueError("the server refuses %s in call %s"
-                           % (", ".join(refused.names), message.name))
+                           % (wire.describe_names(refused.names),
+                              wire.short_repr(message.name)))
         if not message.flag:
             self.reply(message.msgid, Reply(error=error))
             return True
