@@ -185,6 +185,8 @@ class TLSSocket:
                     self._eof = True
                     break
                 total += count
+                if not (self._incoming.pending or self._ssl.pending()):
+                    break  # nothing left to decrypt (spares an exception)
             # A full buffer may leave data behind (only if the caller's
             # buffer is smaller than the room we keep): look first next
             # time.  Otherwise the next call starts at the socket.
