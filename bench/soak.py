@@ -96,10 +96,13 @@ class Soak:
         self.clients = {}  # process number -> (Popen, incarnation)
         self.events = []  # (seconds since start, what)
         self.marks = []  # (seconds since start, label) for the plot
-        self.listening = []  # time.time() each restarted server listened
+        #: (time.time() the old server had exited, and the new one was
+        #: seen accepting connections) of each restart.
+        self.restarts = []
         self.exit_statuses = []  # (what, status) of every stopped process
         self.sampler = soak_samples.Sampler(
-            self._current_server, arguments.sample_interval, self.started)
+            self._current_server, arguments.sample_interval, self.started,
+            directory)
 
     def _current_server(self):
         with self.server_lock:
@@ -140,8 +143,9 @@ class Soak:
     def restart_server(self):
         self.mark("server restart")
         self.stop_server()
+        stopped = time.time()
         self.start_server()
-        self.listening.append(time.time())
+        self.restarts.append((stopped, time.time()))
 
     def baseline(self):
         """The server's (threads, fds) with no client connected, once two
@@ -268,14 +272,16 @@ class Soak:
         return self.checks(idle, settled)
 
     def checks(self, idle, settled):
-        entries = soak_checks.read_journals(self.directory)
+        guarded = soak_checks.guarded
+        entries, unreadable = soak_checks.read_journals(self.directory)
         last = [row for row in self.sampler.rows()
                 if row["server"] == len(self.servers)
                 and row["elapsed"] <= self.deadline - self.started]
-        results = soak_checks.journal_checks(entries)
-        results += soak_checks.database_checks(self.data_path,
-                                               self.blob_dir, entries)
-        results += soak_checks.file_checks(self.data_path)
+        results = soak_checks.journal_checks(entries, unreadable)
+        results += guarded("Data.fs content", soak_checks.database_checks,
+                           self.data_path, self.blob_dir, entries)
+        results += guarded("Data.fs checking scripts",
+                           soak_checks.file_checks, self.data_path)
         results.append(self._exit_check())
         results.append(self._reconnect_check(entries))
         results += soak_samples.flatness(last)
@@ -293,18 +299,21 @@ class Soak:
                 "%d processes" % len(self.exit_statuses))
 
     def _reconnect_check(self, entries):
-        """Each client process recovered by itself after each restart;
-        the detail says how long the slowest took."""
+        """Each client process recovered by itself after each restart
+        (a success after the old server had gone can only come from the
+        new one); the detail says how long the slowest took after the
+        soak saw the new server accept connections (a client may beat
+        the soak to it: 0)."""
         delays, missing = [], []
-        for listened in self.listening:
+        for stopped, listened in self.restarts:
             for number in range(self.arguments.processes):
                 prefix = "p%dt" % number
                 times = [entry["time"] for entry in entries
                          if entry.get("recovered", "").startswith(prefix)
-                         and listened <= entry["time"]
+                         and stopped <= entry["time"]
                          <= listened + RECONNECT_BOUND]
                 if times:
-                    delays.append(min(times) - listened)
+                    delays.append(max(0, min(times) - listened))
                 else:
                     missing.append((number, round(listened - self.started)))
         return ("every client reconnected by itself after each server "
@@ -335,6 +344,12 @@ def report(soak, results, output):
                              number, _triple(mine[0]), _triple(mine[-1]),
                              max(row["rss_kib"] for row in mine) / 1024,
                              len(mine)))
+    if rows:
+        lines.append("  least free disk space: %d MiB" % min(
+            row["disk_free_mib"] for row in rows))
+    if os.path.exists(soak.data_path):
+        lines.append("  Data.fs at the end: %.1f MiB"
+                     % (os.path.getsize(soak.data_path) / 2 ** 20))
     lines += ["", "Server log ERROR lines (count, message):"]
     lines += ["  %6d  %s" % (count, message) for message, count in
               server_errors(soak.servers).most_common(LOG_KINDS)]
@@ -405,7 +420,7 @@ def main(argv=None):
                 process.wait()
         if soak.server is not None:
             soak.stop_server()
-    plot_problem = save(soak, arguments.output)
+        plot_problem = save(soak, arguments.output)
     lines = report(soak, results, arguments.output)
     if plot_problem:
         lines.append(plot_problem)

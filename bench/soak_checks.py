@@ -22,15 +22,28 @@ EXAMPLES = 3
 
 
 def read_journals(directory):
-    """All journal entries of all client processes, in time order."""
-    entries = []
+    """All journal entries of all client processes, in time order, and
+    the lines that are not JSON (a write cut short, by a full disk)."""
+    entries, unreadable = [], []
     for path in glob.glob(os.path.join(directory, "client-*.jsonl")):
         with open(path) as journal:
             for line in journal:
-                if line.strip():
+                try:
                     entries.append(json.loads(line))
+                except ValueError:
+                    unreadable.append(line[:200])
     entries.sort(key=lambda entry: entry["time"])
-    return entries
+    return entries, unreadable
+
+
+def guarded(name, check, *arguments):
+    """The results of `check(*arguments)`, or one failed result named
+    `name` if the check itself raised (a damaged file, a full disk)."""
+    try:
+        return check(*arguments)
+    except Exception as error:
+        return [(name, False, "the check could not run: %s: %s"
+                 % (type(error).__name__, error))]
 
 
 def read_counts(directory):
@@ -42,11 +55,15 @@ def read_counts(directory):
     return counts
 
 
-def journal_checks(entries):
+def journal_checks(entries, unreadable):
     violations = [entry for entry in entries if "violation" in entry]
     errors = [entry for entry in entries if "error" in entry]
     kinds = collections.Counter(entry["violation"] for entry in violations)
     return [
+        ("client journals readable", not unreadable,
+         "%d lines are not JSON; first: %s" % (
+             len(unreadable), unreadable[:EXAMPLES])
+         if unreadable else "%d entries" % len(entries)),
         ("invariants held in every read (bank total, blob and payload "
          "stamps, fillers, undo)", not violations,
          "%d violations %s; first: %s" % (
@@ -89,7 +106,7 @@ def database_checks(path, blob_dir, entries):
                 expected = stamp(key, record.blob_value)
                 if blob.read(len(expected)) != expected:
                     bad_stamps.append((key, "blob"))
-            if record.payload_value and not record.payload.startswith(
+            if not record.payload.data.startswith(
                     stamp(key, record.payload_value)):
                 bad_stamps.append((key, "payload"))
         acks = sum(1 for entry in entries if "ack" in entry)

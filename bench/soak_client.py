@@ -148,7 +148,7 @@ class Worker:
     def large_commit(self):
         def payload(record, value):
             size = self.random.randint(*LARGE_PAYLOAD_BYTES)
-            record.payload = stamp(self.key, value) + os.urandom(size)
+            record.payload.data = stamp(self.key, value) + os.urandom(size)
             record.payload_value = value
         self._record_commit("large commit", payload)
 
@@ -161,21 +161,25 @@ class Worker:
             record.blob_value = value
         self._record_commit("blob commit", write_blob)
 
-    def blob_read(self):
-        """A record's blob must carry the stamp its record says it has,
-        in every snapshot (any thread's record)."""
+    def stamps_read(self):
+        """A record's blob and payload must carry the stamps the record
+        says they have, in every snapshot (any thread's record)."""
         self.manager.begin()
         key = self.random.choice(self.keys)
         record = self._root()["records"][key]
-        expected = stamp(key, record.blob_value)
+        blob_stamp = stamp(key, record.blob_value)
+        payload_stamp = stamp(key, record.payload_value)
         with record.blob.open("r") as blob:
-            header = blob.read(len(expected))
+            headers = [("blob", blob_stamp, blob.read(len(blob_stamp)))]
+        headers.append(("payload", payload_stamp,
+                        record.payload.data[:len(payload_stamp)]))
         self.manager.abort()
-        if header != expected:
-            self.journal.write(violation="blob", key=key,
-                               header=header.decode("latin-1"),
-                               expected=expected.decode())
-            self.counters.add("blob violations")
+        for what, expected, header in headers:
+            if header != expected:
+                self.journal.write(violation=what, key=key,
+                                   header=header.decode("latin-1"),
+                                   expected=expected.decode())
+                self.counters.add(what + " violations")
 
     def scratch_undo(self):
         """Change this thread's scratch number, undo that, and read the
@@ -198,7 +202,6 @@ class Worker:
             self.journal.write(violation="undo", key=self.key,
                                before=before, after=after)
             self.counters.add("undo violations")
-        self.counters.add("undos")
 
     def transfer_undo(self):
         """Undo one of this thread's recent transfers: it fails unless
@@ -210,13 +213,7 @@ class Worker:
         self.manager.begin()
         self.db.undo(undo_id(tid), self.manager.get())
         self.manager.get().note("undo transfer")
-        try:
-            self.manager.commit()
-        except UndoError:
-            self.manager.abort()
-            self.counters.add("transfer undos refused")
-            return
-        self.counters.add("transfer undos")
+        self._commit(UndoError, "transfer undos refused")
 
     # --- helpers ---------------------------------------------------------
 
@@ -241,16 +238,21 @@ class Worker:
             self.manager.begin()
             result = change(self._root())
             self.manager.get().note(name)
-            try:
-                self.manager.commit()
-            except ConflictError:
-                self.manager.abort()
-                self.counters.add("conflicts")
-                continue
-            self.counters.add(name + "s")
-            return result
+            if self._commit(ConflictError, "conflicts"):
+                return result
         self.counters.add(name + " given up")
         return None
+
+    def _commit(self, refusal, counter):
+        """Commit; False (aborted, counted as `counter`) if the commit
+        raised `refusal`."""
+        try:
+            self.manager.commit()
+        except refusal:
+            self.manager.abort()
+            self.counters.add(counter)
+            return False
+        return True
 
     def run(self, until):
         operations = [(getattr(self, name), weight)
@@ -281,6 +283,7 @@ class Worker:
                     traceback=traceback.format_exc()[-3000:])
                 continue
             self.counters.add("operations")
+            self.counters.add(operation.__name__)
             if self.lost_at is not None:
                 self.journal.write(recovered=self.key, lost_at=self.lost_at)
                 self.lost_at = None
@@ -303,7 +306,7 @@ OPERATIONS = [
     ("small_commit", 15),
     ("large_commit", 1),
     ("blob_commit", 2),
-    ("blob_read", 5),
+    ("stamps_read", 5),
     ("scratch_undo", 3),
     ("transfer_undo", 2),
 ]

@@ -9,9 +9,11 @@ that a worker still uses.
 - ``root["accounts"]``: ACCOUNTS accounts whose balances always add up to
   TOTAL; a transfer moves money between two of them in one transaction.
 - ``root["records"]``: per worker thread, a counter (`value`, one more at
-  each commit), an optional large `payload` and a blob, each stamped with
-  the counter value it was written at, so the end can tell whether what
-  was acknowledged is there and whether the parts agree.
+  each commit), a large payload (an object of its own, so that the small
+  commits stay small) and a blob, each stamped with the counter value it
+  was written at (which the record keeps), so that the end can tell
+  whether what was acknowledged is there and every read whether the
+  parts agree.
 - ``root["scratch"]``: per worker thread, an integer that is changed and
   at once undone.
 - ``root["fillers"]``: FILLERS objects of a few KB, read at random so that
@@ -45,10 +47,15 @@ class Record(persistent.Persistent):
 
     def __init__(self, key):
         self.value = 0
-        self.payload = b""
+        self.payload = Payload(stamp(key, 0))
         self.payload_value = 0
         self.blob = ZODB.blob.Blob(stamp(key, 0))
         self.blob_value = 0
+
+
+class Payload(persistent.Persistent):
+    def __init__(self, data):
+        self.data = data
 
 
 class Scratch(persistent.Persistent):

@@ -25,13 +25,15 @@ connected (checked by the parent with `settle_to`).
 
 import csv
 import os
+import shutil
 import statistics
 import threading
 import time
 
 RSS_GROWTH_MIB = 10
 COUNT_GROWTH = 2
-FIELDS = ("elapsed", "server", "pid", "rss_kib", "threads", "fds")
+FIELDS = ("elapsed", "server", "pid", "rss_kib", "threads", "fds",
+          "disk_free_mib")
 
 
 def read_process(pid):
@@ -50,11 +52,14 @@ class Sampler:
     """Samples the current server every `interval` seconds in a thread.
 
     `current()` returns (server number, pid) of the server to sample, or
-    None while there is none (between a stop and a start).
+    None while there is none (between a stop and a start).  The free space
+    on `directory`'s file system is recorded too: a full disk (the
+    machine may be shared) explains failures that are not the server's.
     """
 
-    def __init__(self, current, interval, started):
+    def __init__(self, current, interval, started, directory):
         self._current = current
+        self._directory = directory
         self._interval = interval
         self._started = started
         self._stop = threading.Event()
@@ -80,7 +85,8 @@ class Sampler:
             return None  # the server is exiting
         row = dict(elapsed=round(time.time() - self._started, 2),
                    server=number, pid=pid, rss_kib=rss, threads=threads,
-                   fds=fds)
+                   fds=fds, disk_free_mib=shutil.disk_usage(
+                       self._directory).free // 2 ** 20)
         with self._lock:
             self.samples.append(row)
         return row
