@@ -18,6 +18,10 @@ warm-up (caches filling, clients reconnecting); then
   third's by at most COUNT_GROWTH (room for a connection that comes and
   goes, such as a pack's), since the same clients are connected.
 
+The RSS check's detail also gives the least-squares trend after warm-up
+(MiB per minute), which shows a slow creep long before it fails the
+check.
+
 Separately, after the clients have closed, the server's threads and open
 files must come back exactly to what the first server had with no client
 connected (checked by the parent with `settle_to`).
@@ -169,6 +173,23 @@ def flatness(rows):
             "server %s flat after warm-up" % field.split("_")[0],
             after - before <= tolerance,
             "median %.1f%s in the middle third, %.1f%s in the last "
-            "(allowed growth %s%s)"
-            % (before, unit, after, unit, tolerance, unit)))
+            "(allowed growth %s%s)%s"
+            % (before, unit, after, unit, tolerance, unit,
+               "; trend %+.2fMiB/minute" % slope(middle + last, field,
+                                                 scale * 60)
+               if field == "rss_kib" else "")))
     return results
+
+
+def slope(rows, field, scale):
+    """Least-squares slope of `field` over elapsed seconds, times
+    `scale` (the trend that a median comparison can hide)."""
+    times = [row["elapsed"] for row in rows]
+    values = [row[field] for row in rows]
+    mean_time = statistics.fmean(times)
+    mean_value = statistics.fmean(values)
+    spread = sum((when - mean_time) ** 2 for when in times)
+    if not spread:
+        return 0.0
+    return scale * sum((when - mean_time) * (value - mean_value)
+                       for when, value in zip(times, values)) / spread
