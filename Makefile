@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test fuzz bench clean
+.PHONY: install serve test fuzz bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ BENCH_ARGS ?=
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The soak runs for MINUTES (default 30); SOAK_ARGS adds bench/soak.py
+# options.  matplotlib (the soak extra) draws its plot; without it the
+# soak still runs and writes the samples as CSV.
+MINUTES ?= 30
+soak: $(STAMP)
+	$(PY) -c 'import matplotlib' 2>/dev/null \
+	    || $(PY) -m pip install -q -e '.[soak]' \
+	    || echo "soak: matplotlib could not be installed; the samples go to a CSV file only"
+	$(PY) bench/soak.py --minutes $(MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -53,5 +53,7 @@ setup(
         "daemon": ["zdaemon"],
         # metrics-address: a Prometheus endpoint.
         "metrics": ["prometheus-client"],
+        # make soak: the plot of the server's memory, threads and files.
+        "soak": ["matplotlib"],
     },
 )
