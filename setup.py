@@ -45,11 +45,17 @@ setup(
             # isolation (offline), which needs bdist_wheel.
             "wheel",
             "prometheus-client",
+            # RelStorage on a private PostgreSQL cluster
+            # (tests/postgres_cluster.py).
+            "RelStorage>=4",
+            "psycopg2-binary",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.
         "daemon": ["zdaemon"],
         # metrics-address: a Prometheus endpoint.
         "metrics": ["prometheus-client"],
+        # %import relstorage: serve a RelStorage on PostgreSQL.
+        "relstorage": ["RelStorage>=4", "psycopg2-binary"],
     },
 )

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -33,6 +34,7 @@ from zeo.command_line import (
     DISTRIBUTION, add_version_option, distribution_version, program_name)
 from zeo.server import StorageServer, busy_poll
 from zeo.server.metrics import import_prometheus_client
+from zeo.server.mvcc import DEFAULT_POLL_INTERVAL
 
 #: Named explicitly: run with -m, this module's __name__ is "__main__".
 logger = logging.getLogger("zeo.runzeo")
@@ -156,6 +158,7 @@ class ServerOptions:
     client_conflict_resolution: bool = False
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
+    poll_interval: float = DEFAULT_POLL_INTERVAL
     eventlog: typing.Optional[typing.Callable] = None
 
 
@@ -263,10 +266,30 @@ def load_config_file(url):
             "%s: invalid value %r: %s (line %s)"
             % (url, error.value, error.message, error.lineno)) from None
     except ZConfig.ConfigurationError as error:
+        _raise_if_extra_missing(url, error)
         if url in str(error):
             raise ConfigurationError(str(error)) from None
         raise ConfigurationError("%s: %s" % (url, error)) from None
     return config
+
+
+#: Packages a configuration may ``%import`` that come with an extra of
+#: ours: package -> extra.
+OPTIONAL_PACKAGES = {"relstorage": "relstorage"}
+
+_MISSING_PACKAGE = re.compile(
+    r"could not load package ([\w.]+): (.*?)(?: Package name:|$)", re.S)
+
+
+def _raise_if_extra_missing(url, error):
+    """A missing optional package gets the pip command that installs it."""
+    match = _MISSING_PACKAGE.search(str(error))
+    if match and match.group(1) in OPTIONAL_PACKAGES:
+        package, reason = match.groups()
+        raise ConfigurationError(
+            "%s: %%import %s failed (%s); install it with: pip install "
+            "'%s[%s]'" % (url, package, reason.strip(), DISTRIBUTION,
+                          OPTIONAL_PACKAGES[package])) from None
 
 
 def msgpack_from_environment():
@@ -335,6 +358,7 @@ def _options_from_config(config):
         client_conflict_resolution=section.client_conflict_resolution,
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
+        poll_interval=section.poll_interval,
         eventlog=config.eventlog,
     )
 
@@ -406,6 +430,8 @@ def _check_values(options):
             import_prometheus_client()
         except ImportError as error:
             raise ConfigurationError(str(error)) from None
+    if options.poll_interval <= 0:
+        raise ConfigurationError("poll-interval must be more than 0 seconds")
     if options.busy_poll_microseconds < 0:
         raise ConfigurationError("busy-poll cannot be negative")
     if options.msgpack and not wire.msgpack_available():
@@ -617,7 +643,8 @@ class ServerRunner:
                 slow_transaction_threshold=(
                     options.slow_transaction_threshold),
                 slow_load_threshold=options.slow_load_threshold,
-                busy_poll=options.busy_poll_microseconds * 1e-6)
+                busy_poll=options.busy_poll_microseconds * 1e-6,
+                poll_interval=options.poll_interval)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

@@ -147,6 +147,8 @@ class Buffering:
                 storage.tpc_abort(self.metadata)
                 raise
         resolved = [oid for oid in resolved or () if isinstance(oid, bytes)]
+        # A storage whose undo returned None names the undone oids here.
+        changed = _unique(changed + resolved)
         return Voted(self, changed, resolved, resolved_or_undone)
 
     def _storage_vote(self, storage, conflicts, conflict_resolution_by_client):
@@ -237,8 +239,9 @@ def _store_blob(storage, txn, oid, serial, data, path):
 
 
 def _undo(storage, txn, undo_id):
-    _tid, oids = storage.undo(undo_id, txn)
-    return oids
+    # None is allowed: the storage then returns the oids from tpc_vote.
+    result = storage.undo(undo_id, txn)
+    return result[1] if result else ()
 
 
 _REPLAY = {

@@ -144,7 +144,7 @@ class Session(BlobCalls):
         return info
 
     def lastTransaction(self):
-        return self.served.last_transaction()
+        return self.served.synced_last_transaction()
 
     def getInvalidations(self, tid):
         answer = self.served.get_invalidations(tid)

@@ -23,7 +23,7 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError
 
-from zeo.server import blobs
+from zeo.server import blobs, mvcc
 from zeo.server.timing import TimeHistogram
 
 logger = logging.getLogger(__name__)
@@ -162,10 +162,17 @@ class ServedStorage:
         #: Held while a pack runs: one pack per storage at a time.
         self.packing = threading.Lock()
         self.publication = threading.RLock()
+        #: An IMVCCStorage (RelStorage): one instance, its view moved by
+        #: polls (see zeo/server/mvcc.py).
+        self.mvcc = mvcc.is_mvcc(storage)
         #: Whether calls into the storage must hold `access` (a hot path
         #: may then skip even a no-op context manager).
-        self.serialized = not isinstance(storage, THREAD_SAFE_STORAGES)
-        if self.serialized:
+        self.serialized = self.mvcc or not isinstance(storage,
+                                                      THREAD_SAFE_STORAGES)
+        if self.mvcc:
+            # What a read saw and what was published must be one fact.
+            self.access = self.publication
+        elif self.serialized:
             self.access = threading.RLock()
         else:
             self.access = contextlib.nullcontext()
@@ -227,7 +234,39 @@ class ServedStorage:
             session.loads for session in list(self.sessions))
 
     def last_transaction(self):
+        if self.mvcc:
+            # The storage's view may be ahead of what we published: a
+            # client told that newer tid would refuse the invalidations
+            # still due before it.
+            return self._invalidations[-1][0]
         return self.storage.lastTransaction() or z64
+
+    def synced_last_transaction(self):
+        """The last tid, after publishing what other servers committed
+        (a client's server sync must see those too)."""
+        if self.mvcc:
+            with self.publication:
+                self.send_queued(self._catch_up())
+        return self.last_transaction()
+
+    def poll_database(self):
+        """Publish the commits other servers made since our last poll."""
+        with self.publication:
+            informed = self._catch_up()
+        self.send_queued(informed)
+
+    def _catch_up(self, up_to=None):
+        """Poll an IMVCCStorage and queue, in tid order, what others
+        committed (up to tid `up_to`) to every session (publication lock
+        held).  Returns the sessions informed."""
+        commits = mvcc.commits_since(self.storage, self.last_transaction(),
+                                     up_to)
+        if not commits:
+            return []
+        sessions = list(self.sessions)
+        for tid, oids in commits:
+            self._publish(tid, oids, sessions)
+        return sessions
 
     # -- commits ------------------------------------------------------------
 
@@ -243,15 +282,22 @@ class ServedStorage:
         commit lock is released, so the next voter does not wait for it.
         """
         tids = []
+        informed = ()
         with self.publication:
             with self.access:
                 returned = self.storage.tpc_finish(transaction, tids.append)
             tid = tids[0] if tids else returned
+            if self.mvcc:  # earlier commits of other servers go first
+                informed = self._catch_up(up_to=ZODB.utils.p64(
+                    ZODB.utils.u64(tid) - 1))
             others = [session for session in self.sessions
                       if session is not committer]
             self._publish(tid, changed_oids, others)
         self.stats.add("commits")
-        self._size_info = None
+        if not self.mvcc:  # refreshed by the poller, never in the lock
+            self._size_info = None
+        if committer in informed:
+            others.append(committer)
         return tid, others
 
     def _publish(self, tid, oids, sessions):
@@ -333,13 +379,21 @@ class ServedStorage:
     # -- information ----------------------------------------------------------
 
     def size_info(self):
-        """`{'length', 'size'}` for `info` messages, cached between commits."""
+        """`{'length', 'size'}` for `info` messages, cached between commits
+        (for an IMVCCStorage, refreshed by the database poller)."""
         info = self._size_info
         if info is None:
-            with self._size_lock, self.access:
-                info = {"length": len(self.storage),
-                        "size": self.storage.getSize()}
-            self._size_info = info
+            info = self.refresh_size_info()
+        return info
+
+    def refresh_size_info(self):
+        # RelStorage computes sizes on connections of its own: no need to
+        # hold up every read while it does.
+        with self._size_lock, (contextlib.nullcontext() if self.mvcc
+                               else self.access):
+            info = {"length": len(self.storage),
+                    "size": self.storage.getSize()}
+        self._size_info = info
         return info
 
     def forget_size_info(self):

@@ -1,0 +1,147 @@
+"""Serving an IMVCCStorage (RelStorage), alone or with other servers.
+
+DESIGN.  A RelStorage instance is single-threaded and sees the database
+as of its last poll.  Two ways to serve one were possible:
+
+* one instance per session (`new_instance()`), each polled on its own;
+* one instance for the whole server, every call to it serialized.
+
+We serve one instance, serialized, because of PROTOCOL.md section 9: a
+client must never receive an object older than an invalidation it has
+been sent.  The server decides which invalidations every client gets, so
+it must know, for each reply, what the instance that computed it had seen.
+With one instance that is one fact, kept under the storage's publication
+lock: a poll and the queueing of what it found are one step, and every
+read runs under that same lock (`ServedStorage.access` *is* the
+publication lock), so a reply computed before a poll is queued before the
+poll's invalidations, and one computed after reflects them.  With an
+instance per session, each session's view would move on its own schedule
+and every session would need its own invalidation stream reconciled with
+the shared one, for no gain: a RelStorage call is a database round trip,
+and the commit lock already serializes writes.  What serializing costs is
+that loads wait for each other and for votes (not for the client's
+upload, nor for its round trip between vote and finish); the bench's
+RelStorage section measures it.
+
+Loads stay consistent even though RelStorage moves an instance's view
+forward on its own (after every commit or abort): a client loads with
+`loadBefore(oid, its last tid + 1)`, which RelStorage answers from the
+object's history, not from "the current state", so a view that is ahead
+of what was published cannot hand a client data newer than its tid.
+
+Commits made through other servers are found by polling
+(`poll_invalidations()`), every `poll-interval` seconds by
+`DatabasePoller`, before answering `lastTransaction` (a client's server
+sync), and at every commit just before `tpc_finish`.  The last one keeps
+the order of tids: at that point our transaction holds the database's
+commit lock and has its tid, so whatever the poll finds was committed
+before it, and its invalidation reaches every client (the committer too)
+before our commit's.  A poll reports the changed objects but not which
+transaction changed each, so one invalidation at the newest tid it saw
+carries them all; a client at an older tid therefore drops a little more
+of its cache than it strictly must, never less.
+"""
+
+import collections
+import logging
+import threading
+import time
+
+import ZODB.interfaces
+from ZODB.utils import p64, u64
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two polls of the database, unless configured.
+DEFAULT_POLL_INTERVAL = 0.1
+
+#: Seconds between two refreshes of a storage's size statistics (object
+#: count and database size), which cost RelStorage database connections
+#: of their own and so are never computed during a commit.
+SIZE_REFRESH_INTERVAL = 10.0
+
+
+def is_mvcc(storage):
+    return ZODB.interfaces.IMVCCStorage.providedBy(storage)
+
+
+def commits_since(storage, tid, up_to=None):
+    """Move `storage`'s view to the database's present and list what was
+    committed after `tid` (and not after `up_to`, if given).
+
+    Returns `[(tid, [oid, ...]), ...]` in tid order.  RelStorage's own
+    `poll_invalidations()` moves the view but names neither the
+    transactions nor, on its first polls, the objects; so the list is
+    read, in the same snapshot, with the query RelStorage polls with
+    (its adapter's poller).  That query reads the current state of each
+    object: an object changed twice is listed at its newest tid only,
+    which invalidates it no later than a client needs.
+    """
+    storage.poll_invalidations()
+    try:
+        poller = storage._adapter.poller
+        connection = storage._load_connection
+    except AttributeError:
+        raise TypeError("%s is not a RelStorage this server knows how to "
+                        "poll" % type(storage).__name__) from None
+    rows, _newest = poller.poll_invalidations(
+        connection.connection, connection.cursor, u64(tid))
+    limit = None if up_to is None else u64(up_to)
+    commits = collections.defaultdict(list)
+    for oid_int, tid_int in rows or ():
+        if limit is None or tid_int <= limit:
+            commits[tid_int].append(p64(oid_int))
+    return [(p64(tid_int), commits[tid_int]) for tid_int in sorted(commits)]
+
+
+class DatabasePoller:
+    """The thread that polls the database of every served IMVCCStorage.
+
+    It also refreshes their size statistics now and then, outside every
+    lock.  A poll that fails (the database is down) is logged once, and
+    again when polls succeed again; polling goes on meanwhile.
+    """
+
+    def __init__(self, served_storages, interval=DEFAULT_POLL_INTERVAL):
+        self._served = [served for served in served_storages if served.mvcc]
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+        self._failing = set()
+
+    def start(self):
+        if not self._served or self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name="zeo-database-poller", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        sizes_due = time.monotonic() + SIZE_REFRESH_INTERVAL
+        while not self._stop.wait(self.interval):
+            for served in self._served:
+                self._guarded(served, served.poll_database, "poll")
+            if time.monotonic() >= sizes_due:
+                sizes_due = time.monotonic() + SIZE_REFRESH_INTERVAL
+                for served in self._served:
+                    self._guarded(served, served.refresh_size_info,
+                                  "size statistics")
+
+    def _guarded(self, served, function, what):
+        try:
+            function()
+        except Exception as error:
+            if (served.name, what) not in self._failing:
+                self._failing.add((served.name, what))
+                logger.error("storage %s: %s failed: %s: %s; retrying "
+                             "every %ss", served.name, what,
+                             type(error).__name__, error, self.interval)
+            return
+        if (served.name, what) in self._failing:
+            self._failing.discard((served.name, what))
+            logger.info("storage %s: %s works again", served.name, what)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
