@@ -46,6 +46,7 @@ sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 import blobs  # noqa: E402
 import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
+import relstorage_bench  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
@@ -128,6 +129,9 @@ def parse_arguments(argv):
     parser.add_argument(
         "--metrics-only", action="store_true",
         help="run the metrics-scraping measurements only")
+    parser.add_argument(
+        "--relstorage-only", action="store_true",
+        help="run the RelStorage (PostgreSQL) measurements only")
     options = parser.parse_args(argv)
     if options.blob_passes is None:
         options.blob_passes = 1 if options.quick else 5
@@ -383,14 +387,21 @@ def run(options):
     started = time.monotonic()
     status = 0
     blob_results = None
+    only = (options.blobs_only or options.metrics_only
+            or options.relstorage_only)
     try:
-        if not (options.blobs_only or options.metrics_only):
+        if not only:
             status = run_throughput_and_cache(options, scratch)
-        if not options.blobs_only and run_metrics_scraping(options,
-                                                           scratch):
+        if (not only or options.metrics_only) and run_metrics_scraping(
+                options, scratch):
             status = 1
-        if not options.metrics_only:
+        if not only or options.blobs_only:
             blob_results = blobs.measure_all(options, scratch)
+        if not only or options.relstorage_only:
+            relstorage_results = relstorage_bench.measure_all(options,
+                                                              scratch)
+            print()
+            relstorage_bench.print_report(relstorage_results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:

@@ -87,6 +87,7 @@ class PostgresCluster:
         self.port = free_port()
         self.host = "127.0.0.1"
         self._names = itertools.count()
+        self._templates = set()
         self.process = None
         try:
             self._init()
@@ -162,9 +163,28 @@ class PostgresCluster:
         finally:
             connection.close()
 
-    def create_database(self):
+    def create_database(self, template=None):
+        """A new database's name; a copy of `template` if given (cheaper
+        than creating RelStorage's schema again)."""
         name = "zeo_test_%d" % next(self._names)
-        self.execute("CREATE DATABASE %s" % name)
+        self.execute("CREATE DATABASE %s%s" % (
+            name, "" if template is None else " TEMPLATE %s" % template))
+        return name
+
+    def relstorage_template(self, keep_history):
+        """A database holding RelStorage's empty schema, made once, to
+        copy with `create_database(template=...)`."""
+        name = "zeo_template_%s" % ("hp" if keep_history else "hf")
+        if name not in self._templates:
+            self.execute("CREATE DATABASE %s" % name)
+            from relstorage.adapters.postgresql import PostgreSQLAdapter
+            from relstorage.options import Options
+            from relstorage.storage import RelStorage
+            storage = RelStorage(PostgreSQLAdapter(
+                dsn=self.dsn(name),
+                options=Options(keep_history=keep_history)))
+            storage.close()
+            self._templates.add(name)
         return name
 
     def drop_database(self, name):

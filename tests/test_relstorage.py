@@ -15,13 +15,15 @@ import transaction
 import ZEO
 import ZODB
 from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
 from conftest import CLIENT_TIMEOUT, server_environment
 from relstorage_fixtures import (database, postgres, relstorage_config,
                                  start_relstorage_server)
-from server_process import write_config
+from postgres_cluster import relstorage_section
+from server_process import start_configured_server, write_config
 from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,6 +93,32 @@ def test_undo_through_zeo(tmp_path, database):
         with other.transaction() as connection:
             assert connection.root()["count"] == 1
         other.close()
+        db.close()
+    finally:
+        assert server.stop() == 0, server.log
+
+
+def test_blobs_kept_in_the_database_travel(tmp_path, database):
+    """RelStorage keeping blobs in PostgreSQL (its blob-dir a cache):
+    a blob uploaded by our client is downloaded by ZEO's."""
+    options = "  blob-dir %s\n  shared-blob-dir false" % (tmp_path / "rs")
+    storages = {"1": "%%import relstorage\n%s" % relstorage_section(
+        "1", database, True, options)}
+    server = start_configured_server(str(tmp_path), "", storages,
+                                     env=server_environment())
+    try:
+        db = ZODB.DB(ClientStorage(server.address, wait_timeout=10,
+                                   blob_dir=str(tmp_path / "ours")))
+        with db.transaction() as connection:
+            connection.root()["blob"] = blob = Blob()
+            with blob.open("w") as blob_file:
+                blob_file.write(b"postgres" * 50000)
+        db.close()
+        db = ZODB.DB(ZEO.client(server.address, wait_timeout=10,
+                                blob_dir=str(tmp_path / "theirs")))
+        with db.transaction() as connection:
+            with connection.root()["blob"].open() as blob_file:
+                assert blob_file.read() == b"postgres" * 50000
         db.close()
     finally:
         assert server.stop() == 0, server.log

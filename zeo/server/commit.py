@@ -18,6 +18,7 @@ import tempfile
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
 
+from zeo.server import mvcc
 from zeo.server.blobs import TransactionBlobs
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Buffering:
         conflicts = {}
         resolved = None
         with served.access:
+            served.before_vote()
             if self.tid is not None or self.status != " ":
                 storage.tpc_begin(self.metadata, self.tid, self.status)
             else:
@@ -143,8 +145,11 @@ class Buffering:
                 if conflicts:
                     storage.tpc_abort(self.metadata)
                     return list(conflicts.values())
-            except BaseException:
+            except BaseException as error:
                 storage.tpc_abort(self.metadata)
+                conflict = served.mvcc and mvcc.view_conflict(error)
+                if conflict:
+                    raise conflict from error
                 raise
         resolved = [oid for oid in resolved or () if isinstance(oid, bytes)]
         # A storage whose undo returned None names the undone oids here.

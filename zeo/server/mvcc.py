@@ -29,25 +29,26 @@ forward on its own (after every commit or abort): a client loads with
 object's history, not from "the current state", so a view that is ahead
 of what was published cannot hand a client data newer than its tid.
 
-Commits made through other servers are found by polling
-(`poll_invalidations()`), every `poll-interval` seconds by
-`DatabasePoller`, before answering `lastTransaction` (a client's server
-sync), and at every commit just before `tpc_finish`.  The last one keeps
-the order of tids: at that point our transaction holds the database's
-commit lock and has its tid, so whatever the poll finds was committed
-before it, and its invalidation reaches every client (the committer too)
-before our commit's.  A poll reports the changed objects but not which
-transaction changed each, so one invalidation at the newest tid it saw
-carries them all; a client at an older tid therefore drops a little more
-of its cache than it strictly must, never less.
+Commits made through other servers are found by polling: every
+`poll-interval` seconds (`DatabasePoller`), before answering
+`lastTransaction` (a client's server sync), before every vote (RelStorage
+checks conflicts against its view, which must then be current) and right
+after every `tpc_finish`.  The last one keeps the order of tids: what it
+finds was mostly committed before our transaction, so it joins our
+commit's invalidation and reaches the committer ahead of its reply.  A
+poll lists objects at the tid of their current revision only (see
+`changes_since`), so what one poll finds is published as one
+invalidation, at the newest tid it saw (or at our commit's); a client
+may thus drop an object from its cache a little sooner than it must,
+never later.
 """
 
-import collections
 import logging
 import threading
 import time
 
 import ZODB.interfaces
+from ZODB.POSException import ConflictError
 from ZODB.utils import p64, u64
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,40 @@ def is_mvcc(storage):
     return ZODB.interfaces.IMVCCStorage.providedBy(storage)
 
 
-def commits_since(storage, tid, up_to=None):
-    """Move `storage`'s view to the database's present and list what was
-    committed after `tid` (and not after `up_to`, if given).
+def view_conflict(error):
+    """A ConflictError for RelStorage's refusal to resolve a conflict from
+    a view it cannot see, or None for any other error.
 
-    Returns `[(tid, [oid, ...]), ...]` in tid order.  RelStorage's own
-    `poll_invalidations()` moves the view but names neither the
-    transactions nor, on its first polls, the objects; so the list is
-    read, in the same snapshot, with the query RelStorage polls with
-    (its adapter's poller).  That query reads the current state of each
-    object: an object changed twice is listed at its newest tid only,
-    which invalidates it no later than a client needs.
+    RelStorage resolves a write conflict from the state the transaction
+    started from, which it takes from its local cache or else from its
+    own view, assuming that view is the transaction's.  Here it is the
+    server's, usually newer than the client's; RelStorage notices the
+    mismatch and raises CacheConsistencyError rather than resolve from
+    the wrong state.  For the client that is an ordinary conflict: its
+    view was stale, and a retry from a fresh one will do.
+    """
+    if not any(cls.__name__ == "CacheConsistencyError"
+               and cls.__module__.startswith("relstorage")
+               for cls in type(error).__mro__):
+        return None
+    return ConflictError("the transaction's view is older than the "
+                         "database's; retry (%s)" % type(error).__name__)
+
+
+def changes_since(storage, tid):
+    """Move `storage`'s view to the database's present; return what was
+    committed after `tid` as `(newest_tid, oids)`, `newest_tid` None if
+    nothing was.
+
+    RelStorage's own `poll_invalidations()` moves the view but does not
+    name the transactions (nor, on its first polls, the objects); so the
+    changes are read, in the same snapshot, with the query RelStorage
+    polls with (its adapter's poller).  That query reads the current
+    state of each object, so an object changed twice is listed at its
+    newest tid only: the changes can only be published together, at the
+    newest tid.  Published per transaction, an object changed by an
+    older one and again by a newer one would stay cached, stale, in a
+    client that has applied the older one only.
     """
     storage.poll_invalidations()
     try:
@@ -86,12 +110,11 @@ def commits_since(storage, tid, up_to=None):
                         "poll" % type(storage).__name__) from None
     rows, _newest = poller.poll_invalidations(
         connection.connection, connection.cursor, u64(tid))
-    limit = None if up_to is None else u64(up_to)
-    commits = collections.defaultdict(list)
-    for oid_int, tid_int in rows or ():
-        if limit is None or tid_int <= limit:
-            commits[tid_int].append(p64(oid_int))
-    return [(p64(tid_int), commits[tid_int]) for tid_int in sorted(commits)]
+    rows = list(rows or ())
+    if not rows:
+        return None, []
+    newest = max(tid_int for _oid_int, tid_int in rows)
+    return p64(newest), sorted({p64(oid_int) for oid_int, _tid in rows})
 
 
 class DatabasePoller:

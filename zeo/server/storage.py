@@ -249,23 +249,29 @@ class ServedStorage:
                 self.send_queued(self._catch_up())
         return self.last_transaction()
 
+    def before_vote(self):
+        """An IMVCCStorage votes from a view at least as new as every
+        other server's last commit (RelStorage checks conflicts and its
+        cache against that view), and those commits are published
+        first; `access` held."""
+        if self.mvcc:
+            self.send_queued(self._catch_up())
+
     def poll_database(self):
         """Publish the commits other servers made since our last poll."""
         with self.publication:
             informed = self._catch_up()
         self.send_queued(informed)
 
-    def _catch_up(self, up_to=None):
-        """Poll an IMVCCStorage and queue, in tid order, what others
-        committed (up to tid `up_to`) to every session (publication lock
-        held).  Returns the sessions informed."""
-        commits = mvcc.commits_since(self.storage, self.last_transaction(),
-                                     up_to)
-        if not commits:
+    def _catch_up(self):
+        """Poll an IMVCCStorage and queue what others committed to every
+        session, as one invalidation (publication lock held).  Returns
+        the sessions informed."""
+        tid, oids = mvcc.changes_since(self.storage, self.last_transaction())
+        if tid is None:
             return []
         sessions = list(self.sessions)
-        for tid, oids in commits:
-            self._publish(tid, oids, sessions)
+        self._publish(tid, oids, sessions)
         return sessions
 
     # -- commits ------------------------------------------------------------
@@ -282,23 +288,41 @@ class ServedStorage:
         commit lock is released, so the next voter does not wait for it.
         """
         tids = []
-        informed = ()
         with self.publication:
             with self.access:
                 returned = self.storage.tpc_finish(transaction, tids.append)
             tid = tids[0] if tids else returned
-            if self.mvcc:  # earlier commits of other servers go first
-                informed = self._catch_up(up_to=ZODB.utils.p64(
-                    ZODB.utils.u64(tid) - 1))
             others = [session for session in self.sessions
                       if session is not committer]
+            if self.mvcc:
+                changed_oids = self._with_foreign_changes(
+                    tid, changed_oids, committer)
             self._publish(tid, changed_oids, others)
         self.stats.add("commits")
         if not self.mvcc:  # refreshed by the poller, never in the lock
             self._size_info = None
-        if committer in informed:
+        if self.mvcc:
             others.append(committer)
         return tid, others
+
+    def _with_foreign_changes(self, tid, changed_oids, committer):
+        """Add to our commit's invalidation what other servers committed
+        since our last poll, and queue those to the committer, before
+        its reply (publication lock held).
+
+        They may be older than our tid or, if they came right after it,
+        newer: invalidating an object sooner than needed only drops it
+        from caches, and the next poll publishes the newer ones again at
+        their own tid.
+        """
+        _newest, foreign = mvcc.changes_since(self.storage,
+                                              self.last_transaction())
+        ours = set(changed_oids)
+        foreign = [oid for oid in foreign if oid not in ours]
+        if not foreign:
+            return changed_oids
+        committer.queue_invalidation(tid, foreign)
+        return list(changed_oids) + foreign
 
     def _publish(self, tid, oids, sessions):
         """Record a commit and queue its invalidation (publication lock
