@@ -19,11 +19,12 @@ from ZODB.blob import Blob
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
-from conftest import CLIENT_TIMEOUT, server_environment
+from conftest import CLIENT_TIMEOUT, server_environment, wait_until
 from relstorage_fixtures import (database, postgres, relstorage_config,
                                  start_relstorage_server)
 from postgres_cluster import relstorage_section
-from server_process import start_configured_server, write_config
+from server_process import free_port, start_configured_server, write_config
+from test_metrics import scrape, storage_value
 from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,13 +55,12 @@ def open_db(address, client="ours"):
 @pytest.mark.parametrize("client", ["ours", "ZEO"])
 def test_empty_database_gets_its_root(server, client):
     db = open_db(server.address, client)
-    try:
-        with db.transaction() as connection:
-            connection.root()["answer"] = 42
-        with db.transaction() as connection:
-            assert connection.root()["answer"] == 42
-    finally:
-        db.close()
+    with db.transaction() as connection:
+        connection.root()["answer"] = 42
+    db.close()
+    fresh = open_db(server.address, client)  # nothing cached
+    assert fresh.open().root()["answer"] == 42
+    fresh.close()
 
 
 @pytest.mark.parametrize("client", ["ours", "ZEO"])
@@ -134,6 +134,30 @@ def test_size_statistics_reach_the_client(server):
         assert info["size"] >= 0
     finally:
         db.close()
+
+
+def test_metrics_and_slow_log_on_relstorage(tmp_path, database):
+    """Main's operations features keep working on a RelStorage: the
+    Prometheus counters and the slow-operation log."""
+    options = ("metrics-address 127.0.0.1:%d\nslow-transaction-threshold 0"
+               % free_port())
+    server = start_relstorage_server(str(tmp_path), database,
+                                     zeo_options=options)
+    try:
+        server.metrics_url = "http://127.0.0.1:%d/metrics" % int(
+            server.log.split("metrics on http://127.0.0.1:")[1]
+            .split("/")[0])
+        db = open_db(server.address)
+        for number in range(3):
+            with db.transaction() as connection:
+                connection.root()["n"] = number
+        db.close()
+        # The root's creation and three changes.
+        assert storage_value(scrape(server), "zeo_commits_total") == 4
+        wait_until(lambda: server.log.count("slow transaction (committed)")
+                   == 4, "four slow-transaction lines")
+    finally:
+        assert server.stop() == 0, server.log
 
 
 def test_missing_relstorage_is_a_one_line_error(tmp_path):

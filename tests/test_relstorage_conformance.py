@@ -10,6 +10,14 @@ test gets a fresh, empty storage without a server start.
 History-free RelStorage keeps one revision per object: the suites about
 undo, history, revisions, iteration and packing old revisions do not
 apply to it, as RelStorage's own history-free tests leave them out.
+
+A few tests assert FileStorage's behaviour where RelStorage's differs;
+RelStorage's own suite (relstorage/tests/hptestbase.py) replaces or
+skips them too, and they are left out here, each with its reason in
+`NOT_RELSTORAGE`.  Two more follow from serving a history-free storage to
+ZEO clients, whose reads name the tid of their view: once an object has
+changed, its older state is gone, and such a read is a ReadConflictError
+(the application retries) where ZODB's race tests expect the old state.
 """
 
 import os
@@ -49,6 +57,44 @@ HISTORY_FREE_MIXINS = (
     ReadOnlyStorage.ReadOnlyStorage,
     PersistentStorage.PersistentStorage,
 )
+
+
+#: Tests of the suites whose expectations RelStorage does not meet, even
+#: when used directly: test name -> reason.
+NOT_RELSTORAGE = {
+    "testUndoConflictResolution":
+        "RelStorage does not resolve conflicts while undoing",
+    "testUndoMultipleConflictResolution":
+        "RelStorage does not resolve conflicts while undoing",
+    "testUndoMultipleConflictResolutionReversed":
+        "RelStorage does not resolve conflicts while undoing",
+    "testTransactionalUndoIterator":
+        "RelStorage's iterator gives undo records no back pointer "
+        "(RelStorage replaces this test)",
+    "testPackAllRevisions": "RelStorage packs to its own last transaction "
+                            "(RelStorage replaces this test)",
+    "testPackJustOldRevisions": "as testPackAllRevisions",
+    "testPackOnlyOneObject": "as testPackAllRevisions",
+    "testPackWithGCOnDestinationAfterRestore": "as testPackAllRevisions",
+}
+
+#: Tests that cannot pass through any ZEO server on history-free
+#: RelStorage (see the module docstring).
+NOT_HISTORY_FREE = {
+    "test_race_load_vs_external_invalidate":
+        "reads of a state that history-free storage no longer has",
+    "test_race_external_invalidate_vs_disconnect":
+        "reads of a state that history-free storage no longer has",
+}
+
+
+def leaving_out(names):
+    """Class decorator: the named inherited tests are not collected."""
+    def leave_out(cls):
+        for name in names:
+            setattr(cls, name, None)
+        return cls
+    return leave_out
 
 
 class RelStoragePool:
@@ -121,6 +167,7 @@ history_preserving_pool = _pool_fixture(True)
 history_free_pool = _pool_fixture(False)
 
 
+@leaving_out(NOT_RELSTORAGE)
 @pytest.mark.usefixtures("history_preserving_pool")
 class TestHistoryPreservingThroughOurClient(ClientStorageConformance,
                                             unittest.TestCase):
@@ -156,10 +203,18 @@ class HistoryFreeConformance(PooledStorage, *HISTORY_FREE_MIXINS):
     __test__ = False
 
 
+@leaving_out(list(NOT_RELSTORAGE) + list(NOT_HISTORY_FREE))
 @pytest.mark.usefixtures("history_free_pool")
 class TestHistoryFreeThroughOurClient(HistoryFreeConformance,
                                       unittest.TestCase):
     __test__ = True
+
+
+#: ZODB's race tests (BasicStorage), 10-20 s each: they run through our
+#: client above; through ZEO's they would only add minutes.
+RACE_TESTS = ["test_race_loadopen_vs_local_invalidate",
+              "test_race_load_vs_external_invalidate",
+              "test_race_external_invalidate_vs_disconnect"]
 
 
 class ThroughZEOClient(PooledStorage,
@@ -182,6 +237,11 @@ class ThroughZEOClient(PooledStorage,
                                 **options)
 
 
+# testNotUndoable: RelStorage raises a plain UndoError where FileStorage
+# raises MultipleUndoErrors; ZEO's client rebuilds the latter from an
+# error reply but not the former (it has no factory for it), so the test
+# sees ServerException.  Our client rebuilds both (the class above).
+@leaving_out(list(NOT_RELSTORAGE) + RACE_TESTS + ["testNotUndoable"])
 @pytest.mark.usefixtures("history_preserving_pool")
 class TestHistoryPreservingThroughZEOClient(ThroughZEOClient,
                                             unittest.TestCase):

@@ -26,7 +26,6 @@ from ZODB.utils import z64
 from conftest import commit_one, wait_until
 from relstorage_fixtures import (POLL_INTERVAL, database, postgres,
                                  start_relstorage_server)
-from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,23 +53,9 @@ def servers(tmp_path, database):
             assert server.stop() == 0, server.log
 
 
-@pytest.fixture
-def open_client():
-    made = []
-
-    def open_(addresses, **options):
-        client = ClientStorage(addresses, wait_timeout=10, **options)
-        made.append(client)
-        return client
-
-    yield open_
-    for client in made:
-        client.close()
-
-
-def test_a_commit_through_a_reaches_the_clients_of_b(servers, open_client):
-    a_client = open_client(servers[0].address)
-    b_client = open_client(servers[1].address)
+def test_a_commit_through_a_reaches_the_clients_of_b(servers, clients):
+    a_client = clients(servers[0].address)
+    b_client = clients(servers[1].address)
     oid = a_client.new_oid()
     latencies = []
     serial = z64
@@ -129,8 +114,8 @@ def _audit(db, stop, errors, counts):
 
 
 def test_bank_transfers_through_both_servers_keep_the_total(servers,
-                                                            open_client):
-    dbs = [ZODB.DB(open_client(server.address)) for server in servers]
+                                                            clients):
+    dbs = [ZODB.DB(clients(server.address)) for server in servers]
     try:
         with dbs[0].transaction() as connection:
             connection.root()["accounts"] = [Account(BALANCE)
@@ -166,9 +151,9 @@ def test_bank_transfers_through_both_servers_keep_the_total(servers,
 
 
 def test_a_conflict_between_clients_of_a_and_b_is_detected(servers,
-                                                           open_client):
-    a_client = open_client(servers[0].address)
-    b_client = open_client(servers[1].address)
+                                                           clients):
+    a_client = clients(servers[0].address)
+    b_client = clients(servers[1].address)
     oid = a_client.new_oid()
     first = commit_one(a_client, oid, z64, zodb_pickle(MinPO(0)))
     wait_until(lambda: b_client.lastTransaction() >= first, "B hears")
@@ -180,16 +165,16 @@ def test_a_conflict_between_clients_of_a_and_b_is_detected(servers,
     assert zodb_unpickle(data).value == 1
 
 
-def test_clients_of_a_killed_server_move_to_the_other(servers, open_client):
+def test_clients_of_a_killed_server_move_to_the_other(servers, clients):
     a, b = servers
-    client = open_client([a.address, b.address], min_disconnect_poll=0.1)
+    client = clients([a.address, b.address], min_disconnect_poll=0.1)
     oid = client.new_oid()
     serial = commit_one(client, oid, z64, zodb_pickle(MinPO(1)))
     a.process.send_signal(signal.SIGKILL)
     a.process.wait()
     wait_until(lambda: client.is_connected(), "the client reaches B")
     serial = commit_one(client, oid, serial, zodb_pickle(MinPO(2)))
-    other = open_client(b.address)
+    other = clients(b.address)
     data, tid = other.load(oid)
     assert (zodb_unpickle(data).value, tid) == (2, serial)
     assert any("connected" in line for line in b.log_lines)

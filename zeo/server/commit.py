@@ -147,7 +147,8 @@ class Buffering:
                     return list(conflicts.values())
             except BaseException as error:
                 storage.tpc_abort(self.metadata)
-                conflict = served.mvcc and mvcc.view_conflict(error)
+                conflict = served.mvcc and mvcc.view_conflict(error,
+                                                              self.log)
                 if conflict:
                     raise conflict from error
                 raise

@@ -44,6 +44,7 @@ never later.
 """
 
 import logging
+import re
 import threading
 import time
 
@@ -66,9 +67,15 @@ def is_mvcc(storage):
     return ZODB.interfaces.IMVCCStorage.providedBy(storage)
 
 
-def view_conflict(error):
+#: What RelStorage's CacheConsistencyError says about the object.
+_CACHE_ERROR_FIELDS = re.compile(
+    r"'(oid_int|actual_tid_int|expect_tid_int)': (\d+)")
+
+
+def view_conflict(error, changes):
     """A ConflictError for RelStorage's refusal to resolve a conflict from
-    a view it cannot see, or None for any other error.
+    a view it cannot see, or None for any other error.  `changes` are
+    the transaction's `(operation, args)`, for the object's new state.
 
     RelStorage resolves a write conflict from the state the transaction
     started from, which it takes from its local cache or else from its
@@ -76,14 +83,24 @@ def view_conflict(error):
     server's, usually newer than the client's; RelStorage notices the
     mismatch and raises CacheConsistencyError rather than resolve from
     the wrong state.  For the client that is an ordinary conflict: its
-    view was stale, and a retry from a fresh one will do.
+    view was stale, and a retry from a fresh one will do.  The error
+    names the object and both serials, as a conflict error should.
     """
     if not any(cls.__name__ == "CacheConsistencyError"
                and cls.__module__.startswith("relstorage")
                for cls in type(error).__mro__):
         return None
-    return ConflictError("the transaction's view is older than the "
-                         "database's; retry (%s)" % type(error).__name__)
+    fields = {name: int(value)
+              for name, value in _CACHE_ERROR_FIELDS.findall(str(error))}
+    if len(fields) < 3:
+        return ConflictError("the transaction's view is older than the "
+                             "database's; retry")
+    oid = p64(fields["oid_int"])
+    data = next((args[2] for operation, args in changes
+                 if operation == "store" and args[0] == oid), None)
+    return ConflictError(oid=oid, data=data,
+                         serials=(p64(fields["actual_tid_int"]),
+                                  p64(fields["expect_tid_int"])))
 
 
 def changes_since(storage, tid):

@@ -453,7 +453,7 @@ class Session(BlobCalls):
         served = self.served
         self.log("pack(%s) started", short_repr(t))
         try:
-            served.storage.pack(t, referencesf)
+            served.pack(t, referencesf)
         except Exception as error:
             self.log_error("pack", error)
             if msgid is not None:

@@ -457,6 +457,19 @@ class ServedStorage:
             newest = self._invalidations[-1][0]
         return sessions, (queued, oldest, newest)
 
+    def pack(self, t, referencesf):
+        """Pack (in the pack worker).  An IMVCCStorage packs through an
+        instance of its own, so the served one is not used from two
+        threads at once and reads go on meanwhile."""
+        if not self.mvcc:
+            self.storage.pack(t, referencesf)
+            return
+        instance = self.storage.new_instance()
+        try:
+            instance.pack(t, referencesf)
+        finally:
+            instance.release()
+
     def close(self):
         with self.access:
             self.storage.close()
