@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-import transaction
 import ZODB
 from persistent import Persistent
 from ZODB.POSException import ConflictError
