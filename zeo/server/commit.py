@@ -154,7 +154,8 @@ class Buffering:
                 raise
         resolved = [oid for oid in resolved or () if isinstance(oid, bytes)]
         # A storage whose undo returned None names the undone oids here.
-        changed = _unique(changed + resolved)
+        listed = set(changed)
+        changed.extend(oid for oid in resolved if oid not in listed)
         return Voted(self, changed, resolved, resolved_or_undone)
 
     def _storage_vote(self, storage, conflicts, conflict_resolution_by_client):
