@@ -47,6 +47,10 @@ setup(
             "prometheus-client",
             # TLS tests make their certificates at test time.
             "cryptography",
+            # RelStorage on a private PostgreSQL cluster
+            # (tests/postgres_cluster.py).
+            "RelStorage>=4",
+            "psycopg2-binary",
         ],
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.
@@ -55,5 +59,7 @@ setup(
         "metrics": ["prometheus-client"],
         # make soak: the plot of the server's memory, threads and files.
         "soak": ["matplotlib"],
+        # %import relstorage: serve a RelStorage on PostgreSQL.
+        "relstorage": ["RelStorage>=4", "psycopg2-binary"],
     },
 )

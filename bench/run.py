@@ -51,6 +51,7 @@ import blobs  # noqa: E402
 import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
 import reconnect  # noqa: E402
+import relstorage_bench  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
 import tls_overhead  # noqa: E402
@@ -152,6 +153,9 @@ def parse_arguments(argv):
     parser.add_argument(
         "--tls-only", action="store_true",
         help="run the TLS measurements only")
+    parser.add_argument(
+        "--relstorage-only", action="store_true",
+        help="run the RelStorage (PostgreSQL) measurements only")
     options = parser.parse_args(argv)
     if options.blobs_only and options.reconnect_only:
         parser.error("--blobs-only and --reconnect-only exclude each other")
@@ -424,7 +428,8 @@ def run(options):
     status = 0
     blob_results = reconnect_results = None
     only = (options.blobs_only or options.metrics_only
-            or options.reconnect_only or options.tls_only)
+            or options.reconnect_only or options.tls_only
+            or options.relstorage_only)
     try:
         if not only:
             status = run_throughput_and_cache(options, scratch)
@@ -439,6 +444,11 @@ def run(options):
         if not only or options.reconnect_only:
             reconnect_results = reconnect.measure_all(options, scratch,
                                                       client_kind)
+        if not only or options.relstorage_only:
+            relstorage_results = relstorage_bench.measure_all(options,
+                                                              scratch)
+            print()
+            relstorage_bench.print_report(relstorage_results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:

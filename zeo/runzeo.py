@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,6 +33,7 @@ from zeo.command_line import (
 from zeo.server import StorageServer, busy_poll
 from zeo.server.limits import NetworkLimits
 from zeo.server.metrics import import_prometheus_client
+from zeo.server.mvcc import DEFAULT_POLL_INTERVAL
 from zeo.server.server import DEFAULT_TCP_KEEPALIVE
 from zeo.server.unix_socket import remove_stale_socket
 from zeo.server_options import seconds, whole_number
@@ -160,6 +162,7 @@ class ServerOptions:
     tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE
     #: A `zeo.tls.ServerTLS` when the configuration has an <ssl> section.
     tls: typing.Optional[object] = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
     eventlog: typing.Optional[typing.Callable] = None
     limits: NetworkLimits = dataclasses.field(default_factory=NetworkLimits)
     monitor_allow_remote: bool = False
@@ -255,10 +258,30 @@ def load_config_file(url):
             "%s: invalid value %r: %s (line %s)"
             % (url, error.value, error.message, error.lineno)) from None
     except ZConfig.ConfigurationError as error:
+        _raise_if_extra_missing(url, error)
         if url in str(error):
             raise ConfigurationError(str(error)) from None
         raise ConfigurationError("%s: %s" % (url, error)) from None
     return config
+
+
+#: Packages a configuration may ``%import`` that come with an extra of
+#: ours: package -> extra.
+OPTIONAL_PACKAGES = {"relstorage": "relstorage"}
+
+_MISSING_PACKAGE = re.compile(
+    r"could not load package ([\w.]+): (.*?)(?: Package name:|$)", re.S)
+
+
+def _raise_if_extra_missing(url, error):
+    """A missing optional package gets the pip command that installs it."""
+    match = _MISSING_PACKAGE.search(str(error))
+    if match and match.group(1) in OPTIONAL_PACKAGES:
+        package, reason = match.groups()
+        raise ConfigurationError(
+            "%s: %%import %s failed (%s); install it with: pip install "
+            "'%s[%s]'" % (url, package, reason.strip(), DISTRIBUTION,
+                          OPTIONAL_PACKAGES[package])) from None
 
 
 def msgpack_from_environment():
@@ -329,6 +352,7 @@ def _options_from_config(config):
         busy_poll_microseconds=section.busy_poll,
         tcp_keepalive=section.tcp_keepalive,
         tls=_tls_or_error(section.ssl),
+        poll_interval=section.poll_interval,
         eventlog=config.eventlog,
         limits=server_options.limits_from_config(section),
         monitor_allow_remote=section.monitor_allow_remote,
@@ -414,6 +438,8 @@ def _check_values(options):
             import_prometheus_client()
         except ImportError as error:
             raise ConfigurationError(str(error)) from None
+    if options.poll_interval <= 0:
+        raise ConfigurationError("poll-interval must be more than 0 seconds")
     if options.busy_poll_microseconds < 0:
         raise ConfigurationError("busy-poll cannot be negative")
     if options.tcp_keepalive < 0:
@@ -595,7 +621,8 @@ class ServerRunner:
                 slow_load_threshold=options.slow_load_threshold,
                 limits=options.limits,
                 busy_poll=options.busy_poll_microseconds * 1e-6,
-                tcp_keepalive=options.tcp_keepalive, tls=options.tls)
+                tcp_keepalive=options.tcp_keepalive, tls=options.tls,
+                poll_interval=options.poll_interval)
         except OSError as error:
             raise ConfigurationError(
                 "cannot listen on %s: %s"

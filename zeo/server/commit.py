@@ -18,6 +18,7 @@ import tempfile
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
 
+from zeo.server import mvcc
 from zeo.server.blobs import TransactionBlobs
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Buffering:
         conflicts = {}
         resolved = None
         with served.access:
+            served.before_vote()
             if self.tid is not None or self.status != " ":
                 storage.tpc_begin(self.metadata, self.tid, self.status)
             else:
@@ -150,8 +152,15 @@ class Buffering:
             except BaseException as error:
                 _abort_keeping_the_error(storage, self.metadata)
                 served.failed_write.after_failed_vote(error)
+                conflict = served.mvcc and mvcc.view_conflict(error,
+                                                              self.log)
+                if conflict:
+                    raise conflict from error
                 raise
         resolved = [oid for oid in resolved or () if isinstance(oid, bytes)]
+        # A storage whose undo returned None names the undone oids here.
+        listed = set(changed)
+        changed.extend(oid for oid in resolved if oid not in listed)
         return Voted(self, changed, resolved, resolved_or_undone)
 
     def _storage_vote(self, storage, conflicts, conflict_resolution_by_client):
@@ -258,8 +267,9 @@ def _store_blob(storage, txn, oid, serial, data, path):
 
 
 def _undo(storage, txn, undo_id):
-    _tid, oids = storage.undo(undo_id, txn)
-    return oids
+    # None is allowed: the storage then returns the oids from tpc_vote.
+    result = storage.undo(undo_id, txn)
+    return result[1] if result else ()
 
 
 _REPLAY = {

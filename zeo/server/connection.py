@@ -19,6 +19,7 @@ import time
 
 from zeo import wire
 from zeo.rpc import Outbox
+from zeo.server import errors
 from zeo.server.limits import UNREGISTERED_MAX_FRAME_SIZE
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
 from zeo.server.session import Session
@@ -76,7 +77,8 @@ class ServerConnection:
         """Queue the reply to `msgid`; whoever calls this sends it (the
         connection's thread does once the call's locks are released)."""
         if outcome.error is not None:
-            data = wire.encode_error_reply(self.codec, msgid, outcome.error)
+            data = wire.encode_error_reply(
+                self.codec, msgid, errors.transportable(outcome.error))
             self.outbox.put(wire.frame(data), wake_writer=False)
         else:
             self._queue_value(msgid, outcome.value)

@@ -9,6 +9,7 @@ from zeo.rpc import DEFAULT_OUTBOX_LIMIT
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
 from zeo.server.limits import ConnectionGuard, NetworkLimits
 from zeo.server.listener import format_address, make_listener
+from zeo.server.mvcc import DEFAULT_POLL_INTERVAL, DatabasePoller
 from zeo.server.slow_log import SlowLog
 from zeo.server.storage import ServedStorage
 
@@ -36,7 +37,8 @@ class StorageServer:
                  outbox_limit=DEFAULT_OUTBOX_LIMIT, limits=None,
                  busy_poll=DEFAULT_WINDOW, metrics_address=None,
                  slow_transaction_threshold=None, slow_load_threshold=None,
-                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE, tls=None):
+                 tcp_keepalive=DEFAULT_TCP_KEEPALIVE, tls=None,
+                 poll_interval=DEFAULT_POLL_INTERVAL):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -73,6 +75,8 @@ class StorageServer:
         self.address = self._listener.server_address
         for served in self.storages.values():
             served.storage.registerDB(_StorageEvents(served))
+        #: Polls the database of IMVCCStorages for others' commits.
+        self._poller = DatabasePoller(self.storages.values(), poll_interval)
         self._watchdog = None
         if transaction_timeout:
             from zeo.server.watchdog import TransactionWatchdog
@@ -104,6 +108,7 @@ class StorageServer:
         self.guard.start()
         if self._watchdog is not None:
             self._watchdog.start()
+        self._poller.start()
         if self.monitor is not None:
             self.monitor.start()
         if self.metrics is not None:
@@ -166,6 +171,7 @@ class StorageServer:
             self.guard.stop()
             if self._watchdog is not None:
                 self._watchdog.stop()
+            self._poller.stop()
             with self._workers_lock:
                 workers = list(self._workers)
             for thread in workers:

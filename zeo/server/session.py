@@ -151,7 +151,7 @@ class Session(BlobCalls, CommitCalls):
         return info
 
     def lastTransaction(self):
-        return self.served.last_transaction()
+        return self.served.synced_last_transaction()
 
     def getInvalidations(self, tid):
         answer = self.served.get_invalidations(tid)
@@ -269,7 +269,7 @@ class Session(BlobCalls, CommitCalls):
         served = self.served
         self.log("pack(%s) started", short_repr(t))
         try:
-            served.storage.pack(t, referencesf)
+            served.pack(t, referencesf)
         except Exception as error:
             self.log_error("pack", error)
             if msgid is not None:

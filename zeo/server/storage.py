@@ -23,7 +23,7 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError, StorageError
 
-from zeo.server import blobs
+from zeo.server import blobs, mvcc
 from zeo.server.failed_writes import FailedWrite
 from zeo.server.timing import TimeHistogram
 
@@ -163,10 +163,17 @@ class ServedStorage:
         #: Held while a pack runs: one pack per storage at a time.
         self.packing = threading.Lock()
         self.publication = threading.RLock()
+        #: An IMVCCStorage (RelStorage): one instance, its view moved by
+        #: polls (see zeo/server/mvcc.py).
+        self.mvcc = mvcc.is_mvcc(storage)
         #: Whether calls into the storage must hold `access` (a hot path
         #: may then skip even a no-op context manager).
-        self.serialized = not isinstance(storage, THREAD_SAFE_STORAGES)
-        if self.serialized:
+        self.serialized = self.mvcc or not isinstance(storage,
+                                                      THREAD_SAFE_STORAGES)
+        if self.mvcc:
+            # What a read saw and what was published must be one fact.
+            self.access = self.publication
+        elif self.serialized:
             self.access = threading.RLock()
         else:
             self.access = contextlib.nullcontext()
@@ -234,7 +241,45 @@ class ServedStorage:
             session.loads for session in list(self.sessions))
 
     def last_transaction(self):
+        if self.mvcc:
+            # The storage's view may be ahead of what we published: a
+            # client told that newer tid would refuse the invalidations
+            # still due before it.
+            return self._invalidations[-1][0]
         return self.storage.lastTransaction() or z64
+
+    def synced_last_transaction(self):
+        """The last tid, after publishing what other servers committed
+        (a client's server sync must see those too)."""
+        if self.mvcc:
+            with self.publication:
+                self.send_queued(self._catch_up())
+        return self.last_transaction()
+
+    def before_vote(self):
+        """An IMVCCStorage votes from a view at least as new as every
+        other server's last commit (RelStorage checks conflicts and its
+        cache against that view), and those commits are published
+        first; `access` held."""
+        if self.mvcc:
+            self.send_queued(self._catch_up())
+
+    def poll_database(self):
+        """Publish the commits other servers made since our last poll."""
+        with self.publication:
+            informed = self._catch_up()
+        self.send_queued(informed)
+
+    def _catch_up(self):
+        """Poll an IMVCCStorage and queue what others committed to every
+        session, as one invalidation (publication lock held).  Returns
+        the sessions informed."""
+        tid, oids = mvcc.changes_since(self.storage, self.last_transaction())
+        if tid is None:
+            return []
+        sessions = list(self.sessions)
+        self._publish(tid, oids, sessions)
+        return sessions
 
     # -- commits ------------------------------------------------------------
 
@@ -262,11 +307,17 @@ class ServedStorage:
                 tid = tids[0] if tids else returned
                 others = [session for session in self.sessions
                           if session is not committer]
+                if self.mvcc:
+                    changed_oids = self._with_foreign_changes(
+                        tid, changed_oids, committer)
                 self._publish(tid, changed_oids, others)
         if failure is not None:
             raise self._refuse_commits(failure) from failure
         self.stats.add("commits")
-        self._size_info = None
+        if not self.mvcc:  # refreshed by the poller, never in the lock
+            self._size_info = None
+        if self.mvcc:
+            others.append(committer)
         return tid, others
 
     def _refuse_commits(self, failure):
@@ -317,6 +368,25 @@ class ServedStorage:
             "storage %s refuses commits since %s: %s; an operator must "
             "restart the server" % (self.name, time.ctime(
                 self.refusing_since), self.commit_refusal))
+
+    def _with_foreign_changes(self, tid, changed_oids, committer):
+        """Add to our commit's invalidation what other servers committed
+        since our last poll, and queue those to the committer, before
+        its reply (publication lock held).
+
+        They may be older than our tid or, if they came right after it,
+        newer: invalidating an object sooner than needed only drops it
+        from caches, and the next poll publishes the newer ones again at
+        their own tid.
+        """
+        _newest, foreign = mvcc.changes_since(self.storage,
+                                              self.last_transaction())
+        ours = set(changed_oids)
+        foreign = [oid for oid in foreign if oid not in ours]
+        if not foreign:
+            return changed_oids
+        committer.queue_invalidation(tid, foreign)
+        return list(changed_oids) + foreign
 
     def _publish(self, tid, oids, sessions):
         """Record a commit and queue its invalidation (publication lock
@@ -397,13 +467,21 @@ class ServedStorage:
     # -- information ----------------------------------------------------------
 
     def size_info(self):
-        """`{'length', 'size'}` for `info` messages, cached between commits."""
+        """`{'length', 'size'}` for `info` messages, cached between commits
+        (for an IMVCCStorage, refreshed by the database poller)."""
         info = self._size_info
         if info is None:
-            with self._size_lock, self.access:
-                info = {"length": len(self.storage),
-                        "size": self.storage.getSize()}
-            self._size_info = info
+            info = self.refresh_size_info()
+        return info
+
+    def refresh_size_info(self):
+        # RelStorage computes sizes on connections of its own: no need to
+        # hold up every read while it does.
+        with self._size_lock, (contextlib.nullcontext() if self.mvcc
+                               else self.access):
+            info = {"length": len(self.storage),
+                    "size": self.storage.getSize()}
+        self._size_info = info
         return info
 
     def forget_size_info(self):
@@ -442,6 +520,19 @@ class ServedStorage:
             oldest = self._invalidations[0][0]
             newest = self._invalidations[-1][0]
         return sessions, (queued, oldest, newest)
+
+    def pack(self, t, referencesf):
+        """Pack (in the pack worker).  An IMVCCStorage packs through an
+        instance of its own, so the served one is not used from two
+        threads at once and reads go on meanwhile."""
+        if not self.mvcc:
+            self.storage.pack(t, referencesf)
+            return
+        instance = self.storage.new_instance()
+        try:
+            instance.pack(t, referencesf)
+        finally:
+            instance.release()
 
     def close(self):
         with self.access:
