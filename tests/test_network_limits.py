@@ -29,7 +29,7 @@ from server_process import (ServerProcess, memory_kib, start_configured_server,
                             stop_all, temporary_directory, write_config)
 from test_monitor import MONITOR_LINE, parse_report, read_report
 from test_runzeo import assert_configuration_error, run_runzeo
-from zeo import runzeo
+from zeo import server_config
 from zeo.server import limits
 from zeo.server.limits import NetworkLimits, RefusalLog
 
@@ -466,14 +466,14 @@ def test_monitor_address_on_the_command_line_follows_the_rule(tmp):
 ])
 def test_local_or_explicitly_allowed_monitor_addresses_pass(tmp, zeo_lines):
     config = write_config(tmp, "address 127.0.0.1:0\n" + zeo_lines)
-    options = runzeo.parse_options(["-C", config])
+    options = server_config.parse_options(["-C", config])
     assert options.monitor_address is not None
 
 
 # --- configuration -------------------------------------------------------------
 
 def test_defaults(tmp):
-    options = runzeo.parse_options(
+    options = server_config.parse_options(
         ["-C", write_config(tmp, "address 127.0.0.1:0")])
     assert options.limits == NetworkLimits()
     assert options.limits == NetworkLimits(

@@ -25,7 +25,7 @@ from ZODB.utils import z64
 from ZEO.ClientStorage import ClientStorage
 
 from server_process import ServerProcess, free_port, temporary_directory
-from zeo import runzeo
+from zeo import server_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -287,7 +287,7 @@ def test_busy_poll_comes_from_the_file_or_the_command_line(
     lines = ["address 127.0.0.1:0"] + ([config_line] if config_line else [])
     config = write_server_config(
         tmp, lines, [filestorage_section("1", os.path.join(tmp, "Data.fs"))])
-    options = runzeo.parse_options(["-C", config] + args)
+    options = server_config.parse_options(["-C", config] + args)
     assert options.busy_poll_microseconds == microseconds
 
 
@@ -557,10 +557,10 @@ def test_unix_address_never_replaces_a_file(tmp):
     ("sockets/zeo", "sockets/zeo"),
 ])
 def test_parse_address(text, address):
-    assert runzeo.parse_address(text) == address
+    assert server_config.parse_address(text) == address
 
 
 @pytest.mark.parametrize("text", ["host:65536", "host:-1", "host:", "host"])
 def test_parse_address_rejects(text):
     with pytest.raises(ValueError, match="port"):
-        runzeo.parse_address(text)
+        server_config.parse_address(text)

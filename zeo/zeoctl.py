@@ -31,7 +31,7 @@ import argparse
 import os
 import sys
 
-from zeo import runzeo
+from zeo import server_config
 from zeo.command_line import add_version_option, program_name
 
 EXIT_CONFIGURATION_ERROR = 2
@@ -102,8 +102,8 @@ def main(argv=None):
     arguments = build_argument_parser().parse_args(argv)
     config_path = os.path.abspath(arguments.configure)
     try:
-        server_options = runzeo.parse_options(["-C", config_path])
-    except runzeo.ConfigurationError as error:
+        server_options = server_config.parse_options(["-C", config_path])
+    except server_config.ConfigurationError as error:
         print("Error: %s" % " ".join(str(error).split()), file=sys.stderr)
         return EXIT_CONFIGURATION_ERROR
     try:
