@@ -175,9 +175,11 @@ def test_clients_of_a_killed_server_move_to_the_other(servers, clients):
     serial = commit_one(client, oid, z64, zodb_pickle(MinPO(1)))
     a.process.send_signal(signal.SIGKILL)
     a.process.wait()
-    wait_until(lambda: client.is_connected(), "the client reaches B")
+    # Nothing else connects to B: its first registration is the client's.
+    wait_until(lambda: any("registered on storage" in line
+                           for line in b.log_lines), "the client reaches B")
+    wait_until(client.is_connected, "the client is connected")
     serial = commit_one(client, oid, serial, zodb_pickle(MinPO(2)))
     other = clients(b.address)
     data, tid = other.load(oid)
     assert (zodb_unpickle(data).value, tid) == (2, serial)
-    assert any("connected" in line for line in b.log_lines)
