@@ -9,6 +9,14 @@ frames, decodes them, and hands each call to its `Session` in arrival order
 `Outbox`.  However the connection ends (the client hangs up, a protocol
 error, the watchdog, an overflowing outbox, server shutdown) the same
 cleanup runs, once.
+
+An idle connection holds no receive buffer: its thread waits for the
+socket to become readable (`busy_poll.Receiver.wait`), then borrows a
+buffer from a pool shared by all connections for the read, and gives it
+back once the frame reader has copied the payloads out.  A buffer per
+connection (256 KiB, zero-filled, so resident) was most of what a
+thousand idle clients cost, and freed buffers fragmented the heap so
+that the memory stayed with the process after they left.
 """
 
 import json
@@ -26,6 +34,9 @@ from zeo.server.session import Session
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+#: Free receive buffers the pool keeps for the next reads (more are made
+#: when more connections read at once, and dropped when given back).
+_POOLED_BUFFERS = 8
 #: How a TLS client's first bytes begin (a handshake record, TLS 1.x).
 _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 #: A call whose publication lock depends on its arguments (`register`).
@@ -47,7 +58,12 @@ class ServerConnection:
         self.connected_at = time.time()
         self.server = server
         self.codec = None
-        self._receive_buffer = memoryview(bytearray(_RECV_SIZE))
+        #: Whether the last read filled its buffer: more may be waiting
+        #: where a wait for readability does not see it (decrypted TLS
+        #: data), so the next read does not wait.
+        self._read_more = False
+        #: The first bytes received (to recognise a TLS client).
+        self._head = b""
         self._closing = threading.Event()
         self._close_reason = None
         self.outbox = Outbox(sock, "zeo-conn-%s" % self.peer,
@@ -189,7 +205,7 @@ class ServerConnection:
         try:
             payloads = self._receive(reader)
         except wire.ProtocolError as error:
-            if self._receive_buffer[:2] == _TLS_HANDSHAKE_RECORD:
+            if self._head == _TLS_HANDSHAKE_RECORD:
                 raise wire.ProtocolError(
                     "a TLS client on a server without <ssl> (%s)" % error)
             raise
@@ -216,19 +232,26 @@ class ServerConnection:
     def _receive(self, reader):
         """The next complete payloads, or None at end of stream.
 
-        Reads into one reused buffer: `recv(n)` would allocate n bytes
-        for every call, however little arrived.
+        Reads into a buffer borrowed for the read: `recv(n)` would
+        allocate n bytes for every call, however little arrived.
         """
-        buffer = self._receive_buffer
         while True:
             if self._closing.is_set():
                 return None
-            received = self._receiver.recv_into(self.sock, buffer,
-                                                self._replied)
-            if not received:
-                return None
-            self.bytes_received += received
-            payloads = reader.feed(buffer[:received])
+            if not self._read_more:
+                self._receiver.wait(self.sock, self._replied)
+            buffer = _buffers.take()
+            try:
+                received = self.sock.recv_into(buffer)
+                if not received:
+                    return None
+                if not self.bytes_received:
+                    self._head = bytes(buffer[:2])
+                self.bytes_received += received
+                self._read_more = received == len(buffer)
+                payloads = reader.feed(buffer[:received])
+            finally:
+                _buffers.give(buffer)
             if payloads:
                 return payloads
 
@@ -372,3 +395,31 @@ def format_peer(peer):
     if isinstance(peer, tuple) and len(peer) >= 2:
         return "%s:%s" % (peer[0], peer[1])
     return str(peer) or "unix-socket"
+
+
+class _BufferPool:
+    """Receive buffers lent to connections for one read each.
+
+    `take` and `give` are a list's `pop` and `append`, atomic under the
+    GIL, so no lock is taken per read.  The pool keeps at most `keep`
+    free buffers: as many as connections read at once, not as many as
+    are connected.
+    """
+
+    def __init__(self, size, keep):
+        self._size = size
+        self._keep = keep
+        self._free = []
+
+    def take(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            return memoryview(bytearray(self._size))
+
+    def give(self, buffer):
+        if len(self._free) < self._keep:
+            self._free.append(buffer)
+
+
+_buffers = _BufferPool(_RECV_SIZE, _POOLED_BUFFERS)
