@@ -11,12 +11,9 @@ error, the watchdog, an overflowing outbox, server shutdown) the same
 cleanup runs, once.
 
 An idle connection holds no receive buffer: its thread waits for the
-socket to become readable (`busy_poll.Receiver.wait`), then borrows a
-buffer from a pool shared by all connections for the read, and gives it
-back once the frame reader has copied the payloads out.  A buffer per
-connection (256 KiB, zero-filled, so resident) was most of what a
-thousand idle clients cost, and freed buffers fragmented the heap so
-that the memory stayed with the process after they left.
+socket to become readable (`busy_poll.Receiver.wait`), then borrows one
+(`zeo.buffers`) for the read, and gives it back once the frame reader
+has copied the payloads out.
 """
 
 import json
@@ -26,6 +23,7 @@ import threading
 import time
 
 from zeo import wire
+from zeo.buffers import BufferPool
 from zeo.rpc import Outbox
 from zeo.server.limits import UNREGISTERED_MAX_FRAME_SIZE
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
@@ -34,9 +32,6 @@ from zeo.server.session import Session
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
-#: Free receive buffers the pool keeps for the next reads (more are made
-#: when more connections read at once, and dropped when given back).
-_POOLED_BUFFERS = 8
 #: How a TLS client's first bytes begin (a handshake record, TLS 1.x).
 _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 #: A call whose publication lock depends on its arguments (`register`).
@@ -189,6 +184,9 @@ class ServerConnection:
             if not self._closing.is_set():
                 tls.failures.failed(self.peer, describe_failure(error))
             return False
+        # Data that came with the handshake's last flight waits in the
+        # SSL object, where a wait for readability would not see it.
+        self._read_more = True
         subject, read_only = tls.access(self.sock)
         if subject is not None:
             self.peer = self.label = "%s [%s]" % (self.peer, subject)
@@ -397,29 +395,4 @@ def format_peer(peer):
     return str(peer) or "unix-socket"
 
 
-class _BufferPool:
-    """Receive buffers lent to connections for one read each.
-
-    `take` and `give` are a list's `pop` and `append`, atomic under the
-    GIL, so no lock is taken per read.  The pool keeps at most `keep`
-    free buffers: as many as connections read at once, not as many as
-    are connected.
-    """
-
-    def __init__(self, size, keep):
-        self._size = size
-        self._keep = keep
-        self._free = []
-
-    def take(self):
-        try:
-            return self._free.pop()
-        except IndexError:
-            return memoryview(bytearray(self._size))
-
-    def give(self, buffer):
-        if len(self._free) < self._keep:
-            self._free.append(buffer)
-
-
-_buffers = _BufferPool(_RECV_SIZE, _POOLED_BUFFERS)
+_buffers = BufferPool(_RECV_SIZE)
