@@ -48,6 +48,7 @@ REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import blobs  # noqa: E402
+import idle_connections  # noqa: E402
 import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
 import reconnect  # noqa: E402
@@ -156,6 +157,10 @@ def parse_arguments(argv):
     parser.add_argument(
         "--relstorage-only", action="store_true",
         help="run the RelStorage (PostgreSQL) measurements only")
+    parser.add_argument(
+        "--idle-only", action="store_true",
+        help="run the idle-connection measurements only (server RSS and "
+             "threads beside 0 to 1,000 idle clients)")
     options = parser.parse_args(argv)
     if options.blobs_only and options.reconnect_only:
         parser.error("--blobs-only and --reconnect-only exclude each other")
@@ -426,10 +431,10 @@ def run(options):
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     started = time.monotonic()
     status = 0
-    blob_results = reconnect_results = None
+    blob_results = reconnect_results = idle_results = None
     only = (options.blobs_only or options.metrics_only
             or options.reconnect_only or options.tls_only
-            or options.relstorage_only)
+            or options.relstorage_only or options.idle_only)
     try:
         if not only:
             status = run_throughput_and_cache(options, scratch)
@@ -449,6 +454,8 @@ def run(options):
                                                               scratch)
             print()
             relstorage_bench.print_report(relstorage_results)
+        if not only or options.idle_only:
+            idle_results = idle_connections.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:
@@ -461,6 +468,9 @@ def run(options):
         reconnect.print_report(reconnect_results, options)
         if reconnect.report_problems(reconnect_results, log_problems):
             status = 1
+    if idle_results is not None:
+        print()
+        idle_connections.print_report(idle_results)
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
     return status

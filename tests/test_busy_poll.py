@@ -38,7 +38,7 @@ class HandClock:
 
 class PolicyConnection:
     """One connection of a policy on a socket pair: `receive()` calls its
-    receiver's `recv_into` on a thread, `join()` returns what it got, and
+    receiver's `wait` and a receive on a thread, `join()` returns what it got, and
     the test sends on `client` (`deliver` sends and checks the receipt)."""
 
     def __init__(self, receiver, sock, client):
@@ -51,8 +51,8 @@ class PolicyConnection:
 
     def receive(self, replied=True):
         def run():
-            count = self._receiver.recv_into(self._sock, self._buffer,
-                                             replied)
+            self._receiver.wait(self._sock, replied)
+            count = self._sock.recv_into(self._buffer)
             self.received = bytes(self._buffer[:count])
         self.received = None
         self._thread = threading.Thread(target=run, name="test-receiver")
@@ -60,7 +60,7 @@ class PolicyConnection:
 
     def join(self):
         self._thread.join(WAIT)
-        assert not self._thread.is_alive(), "recv_into did not return"
+        assert not self._thread.is_alive(), "wait did not return"
         return self.received
 
     def deliver(self, data):

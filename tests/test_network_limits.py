@@ -198,7 +198,9 @@ def test_connections_beyond_max_connections_are_refused(tmp, servers,
     assert_usable(first)
     assert_usable(second)
     assert zeo_client.commit("still here") == "still here"
-    assert monitor_figures(server) == {
+    figures = monitor_figures(server)
+    assert int(figures.pop("Room for clients (file descriptors)")) > 3
+    assert figures == {
         "Connections": "3", "Connection limit": "3",
         "Connections refused": "1", "Closed for no register": "0",
         "Frames refused": "0"}

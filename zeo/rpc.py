@@ -5,8 +5,21 @@ threads (the connection's own thread, committers on other connections, the
 pack worker).  They all go through one `Outbox`, which keeps them in the
 order they were put and never lets a thread block on a socket it does not
 own: any thread may queue and then try a non-blocking send
-(`send_pending`); whatever the socket cannot take at once is left to the
-outbox's own writer thread.
+(`send_pending`); whatever the socket cannot take at once is left to a
+writer thread.
+
+The writer exists only while a send would block.  A server holds
+thousands of connections that are idle nearly all the time, and a thread
+parked for each one's rare full socket would double the threads (and
+their stacks) for nothing.  So the outbox starts its writer when a
+non-blocking send leaves bytes behind (or a frame is put for it to send),
+and the writer ends as soon as the queue is empty; the next blocked send
+starts a new one.  That costs a thread start per blocked episode (a slow
+reader, a big download outpacing the network), which is small beside the
+time the socket was full.  One shared sender multiplexing every blocked
+socket would save those starts but needs non-blocking sends and a
+selector of its own, and a TLS socket's sends take a lock another thread
+may hold; a thread that simply blocks in `sendmsg` keeps that simple.
 """
 
 import collections
@@ -42,14 +55,16 @@ class Outbox:
     def __init__(self, sock, name, limit=DEFAULT_OUTBOX_LIMIT,
                  on_overflow=None):
         self._sock = sock
+        self._name = name
         self._limit = limit
         self._on_overflow = on_overflow
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
         #: Signalled when queued bytes leave or the outbox closes, for
         #: `wait_for_room`; only while someone waits (`_room_waiters`).
         self._room = threading.Condition(self._lock)
         self._room_waiters = 0
+        #: Signalled, once closing, when nobody sends any more (`close`).
+        self._idle = threading.Condition(self._lock)
         self._frames = collections.deque()
         self._pending = 0
         #: Bytes ever queued (for the metrics), counted under our lock.
@@ -59,10 +74,8 @@ class Outbox:
         self._in_flight = 0
         self._draining = False
         self._closing = False
-        self._closed = False
-        self._writer = threading.Thread(
-            target=self._write_loop, name="%s-writer" % name, daemon=True)
-        self._writer.start()
+        #: The writer thread while one runs (it alone clears this).
+        self._writer = None
 
     @property
     def pending(self):
@@ -72,11 +85,12 @@ class Outbox:
     def put(self, data, wake_writer=True):
         """Queue one encoded frame.  Returns False if it was dropped.
 
-        A thread that calls `send_pending` soon after (the connection's own
-        thread, once its call has left the publication lock; a committer,
-        for the invalidations it queued) passes `wake_writer=False`: waking
-        the writer for bytes that are about to leave anyway would cost two
-        thread switches per reply.
+        With `wake_writer`, the writer sends it unless a sender is busy
+        already.  A thread that calls `send_pending` soon after (the
+        connection's own thread, once its call has left the publication
+        lock; a committer, for the invalidations it queued) passes
+        `wake_writer=False`: a writer for bytes that are about to leave
+        anyway would cost a thread start per reply.
         """
         with self._lock:
             if self._closing:
@@ -86,7 +100,6 @@ class Outbox:
                 self._closing = True
                 self._frames.clear()
                 self._pending = 0
-                self._wakeup.notify()
                 self._room.notify_all()
             else:
                 overflowed = False
@@ -94,7 +107,7 @@ class Outbox:
                 self._pending += len(data)
                 self.queued_bytes += len(data)
                 if wake_writer and not self._draining:
-                    self._wakeup.notify()
+                    self._start_writer()
         if overflowed:
             self._shutdown_socket()
             if self._on_overflow is not None:
@@ -129,12 +142,12 @@ class Outbox:
         common case (an empty queue and a socket with room) then needs no
         thread switch at all, and takes the lock twice: to claim the queue
         with its first batch, and to give it back.  What does not fit is
-        left to the writer.
+        left to a writer, started for it.
         """
         if not self._frames:
             # Nothing to do without the lock: what this thread queued is
             # visible to it, and whoever queues concurrently sends or
-            # wakes the writer itself (after a one-way call, say).
+            # starts the writer itself (after a one-way call, say).
             return
         lock = self._lock
         with lock:
@@ -157,10 +170,32 @@ class Outbox:
                             reversed(_unsent(batch, sent)))
                         self._pending += size - sent
                     self._draining = False
-                    if self._frames or self._closing:
-                        self._wakeup.notify()  # the writer's turn
+                    if self._frames:
+                        self._start_writer()  # the writer's turn
+                    elif self._closing:
+                        self._idle.notify_all()
                     return
                 batch, size = self._take_batch()
+
+    def _start_writer(self):
+        """Start a writer for the queued frames unless one runs (lock
+        held, nobody draining)."""
+        if self._writer is not None:
+            return
+        writer = threading.Thread(target=self._write_loop,
+                                  name="%s-writer" % self._name, daemon=True)
+        try:
+            writer.start()
+        except RuntimeError as error:  # out of threads or memory
+            logger.error("%s: cannot start a writer (%s); disconnecting",
+                         self._name, error)
+            self._closing = True
+            self._frames.clear()
+            self._pending = 0
+            self._room.notify_all()
+            self._shutdown_socket()
+            return
+        self._writer = writer
 
     def _take_batch(self):
         """Remove up to _BATCH_FRAMES frames from the queue (lock held).
@@ -190,15 +225,20 @@ class Outbox:
             self._room.notify_all()
 
     def _write_loop(self):
+        """The writer: send with blocking sends until the queue is empty
+        (or the socket fails), then end.
+
+        It waits its turn while a `send_pending` drains; that thread
+        leaves any remainder to it.
+        """
+        lock = self._lock
         while True:
-            with self._lock:
-                while not self._closed and (self._draining
-                                            or not self._frames):
-                    if self._closing and not self._draining:
-                        self._closed = True
-                        break
-                    self._wakeup.wait()
-                if self._closed:
+            with lock:
+                if self._draining or not self._frames:
+                    # A sender drains (and leaves the rest to us), or all
+                    # is sent: end; a later blocked send starts a writer.
+                    self._writer = None
+                    self._idle.notify_all()
                     return
                 self._draining = True
                 batch, _size = self._take_batch()
@@ -206,22 +246,26 @@ class Outbox:
                 while batch:
                     batch = _unsent(batch, self._sock.sendmsg(batch))
             except OSError:
-                with self._lock:
+                with lock:
                     self._frames.clear()
                     self._pending = 0
                     self._closing = True
-            with self._lock:
+            with lock:
                 self._sent()
                 self._draining = False
 
     def close(self, timeout=5):
-        """Stop accepting frames, send what is queued, stop the writer."""
+        """Stop accepting frames, send what is queued (waiting up to
+        `timeout` seconds for it to leave), and let the writer end."""
         with self._lock:
             self._closing = True
-            self._wakeup.notify()
             self._room.notify_all()
-        if self._writer is not threading.current_thread():
-            self._writer.join(timeout)
+            if self._frames and not self._draining:
+                self._start_writer()
+            if self._writer is not threading.current_thread():
+                self._idle.wait_for(
+                    lambda: not self._draining and self._writer is None,
+                    timeout)
 
     def _shutdown_socket(self):
         try:

@@ -48,6 +48,8 @@ import ssl
 import threading
 import time
 
+from zeo.buffers import BufferPool
+
 #: Ciphertext room kept free in a receive buffer for one TLS record
 #: (16 KiB of data plus overhead) that is partly decrypted already.
 _RECORD_ROOM = 20 * 1024
@@ -56,6 +58,7 @@ _RECORD_ROOM = 20 * 1024
 _ENCRYPT_SLICE = 256 * 1024
 _RAW_BUFFER_SIZE = 256 * 1024
 _NONBLOCKING = getattr(socket, "MSG_DONTWAIT", 0)
+_raw_buffers = BufferPool(_RAW_BUFFER_SIZE)
 
 
 class TLSSocket:
@@ -75,7 +78,6 @@ class TLSSocket:
                                      server_hostname=server_hostname)
         self._ssl_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._raw_buffer = memoryview(bytearray(_RAW_BUFFER_SIZE))
         self._read_buffer = None  # for recv(), made on first use
         self._backlog = b""  # ciphertext made and not yet sent
         self._owed = 0  # plaintext bytes encrypted into the backlog
@@ -96,6 +98,7 @@ class TLSSocket:
         deadline = time.monotonic() + timeout
         received = 0
         sock = self._sock
+        raw = _raw_buffers.take()
         try:
             while True:
                 with self._ssl_lock:
@@ -116,15 +119,16 @@ class TLSSocket:
                     self._more = True
                     return
                 sock.settimeout(_remaining(deadline))
-                count = sock.recv_into(self._raw_buffer)
+                count = sock.recv_into(raw)
                 if not count:
                     raise (HandshakeEOF if not received else ConnectionError)(
                         "the peer closed the connection during the TLS "
                         "handshake")
                 received += count
                 with self._ssl_lock:
-                    self._incoming.write(self._raw_buffer[:count])
+                    self._incoming.write(raw[:count])
         finally:
+            _raw_buffers.give(raw)
             sock.settimeout(None)
 
     def _send_alert(self):
@@ -151,15 +155,23 @@ class TLSSocket:
         view = memoryview(buffer).cast("B")
         limit = nbytes or len(view)
         got = self._decrypt_into(view, limit) if self._more else 0
-        raw = self._raw_buffer[:max(limit - _RECORD_ROOM, 4096)]
-        while not got and not self._eof:
-            count = self._sock.recv_into(raw, 0, flags)
-            if not count:
-                self._eof = True
-                break
-            with self._ssl_lock:
-                self._incoming.write(raw[:count])
-            got = self._decrypt_into(view, limit)
+        if got or self._eof:
+            return got
+        # The ciphertext buffer is borrowed for the read (`zeo.buffers`):
+        # an idle connection holds none.
+        raw_buffer = _raw_buffers.take()
+        try:
+            raw = raw_buffer[:max(limit - _RECORD_ROOM, 4096)]
+            while not got and not self._eof:
+                count = self._sock.recv_into(raw, 0, flags)
+                if not count:
+                    self._eof = True
+                    break
+                with self._ssl_lock:
+                    self._incoming.write(raw[:count])
+                got = self._decrypt_into(view, limit)
+        finally:
+            _raw_buffers.give(raw_buffer)
         return got
 
     def recv(self, bufsize, flags=0):

@@ -1,6 +1,7 @@
 """Busy polling: catch a client's next message without a kernel wake-up.
 
-A connection thread that goes to sleep in `recv` after answering pays for
+A connection thread that goes to sleep waiting for its socket after
+answering pays for
 a wake-up when the next message arrives.  On a virtual machine that is
 tens of microseconds, as much as the whole call costs us in Python, and a
 client that sends its next request right away (a commit's `tpc_finish`
@@ -30,7 +31,7 @@ Polling burns CPU that could serve somebody else, so five rules bound it:
   sharing the CPU with us gets to run.
 
 A connection "has a message in hand" from the moment its thread wakes up
-until it goes back to sleep in `recv`.  The set of such connections is a
+until it goes back to sleep waiting for its socket.  The set of such connections is a
 plain set, and each arrival recorded one attribute holding a tuple:
 adding, discarding and storing are single, atomic operations under the
 GIL, so no lock is taken per message.  (Two arrivals recorded at once may
@@ -38,7 +39,7 @@ leave a slightly stale record; that only makes one poll more or less.)
 """
 
 import os
-import socket
+import select
 import time
 
 #: How long a connection polls by default (`busy-poll` in component.xml).
@@ -47,8 +48,8 @@ DEFAULT_WINDOW = DEFAULT_MICROSECONDS / 1e6
 #: How long the other connections must have received nothing for one
 #: connection to poll (seconds).
 QUIET_PERIOD = 0.002
-#: Polling needs a non-blocking receive flag and a way to yield the CPU.
-AVAILABLE = hasattr(socket, "MSG_DONTWAIT") and hasattr(os, "sched_yield")
+#: Polling needs a way to yield the CPU.
+AVAILABLE = hasattr(os, "sched_yield")
 
 
 class BusyPolling:
@@ -97,50 +98,58 @@ class BusyPolling:
 
 
 class Receiver:
-    """One connection's side of the policy: its `recv_into`."""
+    """One connection's side of the policy: its `wait`."""
 
     def __init__(self, policy):
         self._policy = policy
         self._working = policy._working
         self._client_is_quick = True
+        #: Made for the connection's socket on first use.
+        self._poller = None
 
-    def recv_into(self, sock, buffer, replied=True):
-        """Receive into `buffer` like `sock.recv_into`, polling first when
-        the policy allows (`replied`: the last message was a call we
-        answered); returns the number of bytes received."""
+    def wait(self, sock, replied=True):
+        """Return once `sock` has something to read (data, or its end),
+        polling first when the policy allows (`replied`: the last message
+        was a call we answered).
+
+        Waiting for readability instead of sleeping in `recv` lets the
+        connection hold no receive buffer while it is idle (see
+        `zeo.server.connection`).
+        """
         policy = self._policy
         window = policy.window
         started = policy.clock()
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         if window and replied and self._client_is_quick \
-                and policy.others_quiet(self, started):
-            received = self._poll(sock, buffer, started + window)
-            if received is not None:
-                policy.record_arrival(self, policy.clock())
-                return received
+                and policy.others_quiet(self, started) \
+                and self._poll(poller, started + window):
+            policy.record_arrival(self, policy.clock())
+            return
         working = self._working
         working.discard(self)
         try:
-            received = sock.recv_into(buffer)
+            poller.poll()
         finally:
             working.add(self)
         arrived = policy.clock()
         policy.record_arrival(self, arrived)
         self._client_is_quick = arrived - started <= window
-        return received
 
-    def _poll(self, sock, buffer, deadline):
-        """Bytes received before `deadline`, or None if none came or
-        another connection has work."""
+    def _poll(self, poller, deadline):
+        """Whether something arrived before `deadline` (False if not, or
+        if another connection has work)."""
         working = self._working
         clock = self._policy.clock
         while len(working) == 1:
-            try:
-                return sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if clock() >= deadline:
-                    return None
-                os.sched_yield()
-        return None
+            if poller.poll(0):
+                return True
+            if clock() >= deadline:
+                return False
+            os.sched_yield()
+        return False
 
     def close(self):
         """The connection ended: it no longer counts as working."""

@@ -9,6 +9,11 @@ frames, decodes them, and hands each call to its `Session` in arrival order
 `Outbox`.  However the connection ends (the client hangs up, a protocol
 error, the watchdog, an overflowing outbox, server shutdown) the same
 cleanup runs, once.
+
+An idle connection holds no receive buffer: its thread waits for the
+socket to become readable (`busy_poll.Receiver.wait`), then borrows one
+(`zeo.buffers`) for the read, and gives it back once the frame reader
+has copied the payloads out.
 """
 
 import json
@@ -18,6 +23,7 @@ import threading
 import time
 
 from zeo import wire
+from zeo.buffers import BufferPool
 from zeo.rpc import Outbox
 from zeo.server import errors
 from zeo.server.limits import UNREGISTERED_MAX_FRAME_SIZE
@@ -48,7 +54,12 @@ class ServerConnection:
         self.connected_at = time.time()
         self.server = server
         self.codec = None
-        self._receive_buffer = memoryview(bytearray(_RECV_SIZE))
+        #: Whether the last read filled its buffer: more may be waiting
+        #: where a wait for readability does not see it (decrypted TLS
+        #: data), so the next read does not wait.
+        self._read_more = False
+        #: The first bytes received (to recognise a TLS client).
+        self._head = b""
         self._closing = threading.Event()
         self._close_reason = None
         self.outbox = Outbox(sock, "zeo-conn-%s" % self.peer,
@@ -175,6 +186,9 @@ class ServerConnection:
             if not self._closing.is_set():
                 tls.failures.failed(self.peer, describe_failure(error))
             return False
+        # Data that came with the handshake's last flight waits in the
+        # SSL object, where a wait for readability would not see it.
+        self._read_more = True
         subject, read_only = tls.access(self.sock)
         if subject is not None:
             self.peer = self.label = "%s [%s]" % (self.peer, subject)
@@ -191,7 +205,7 @@ class ServerConnection:
         try:
             payloads = self._receive(reader)
         except wire.ProtocolError as error:
-            if self._receive_buffer[:2] == _TLS_HANDSHAKE_RECORD:
+            if self._head == _TLS_HANDSHAKE_RECORD:
                 raise wire.ProtocolError(
                     "a TLS client on a server without <ssl> (%s)" % error)
             raise
@@ -218,19 +232,26 @@ class ServerConnection:
     def _receive(self, reader):
         """The next complete payloads, or None at end of stream.
 
-        Reads into one reused buffer: `recv(n)` would allocate n bytes
-        for every call, however little arrived.
+        Reads into a buffer borrowed for the read: `recv(n)` would
+        allocate n bytes for every call, however little arrived.
         """
-        buffer = self._receive_buffer
         while True:
             if self._closing.is_set():
                 return None
-            received = self._receiver.recv_into(self.sock, buffer,
-                                                self._replied)
-            if not received:
-                return None
-            self.bytes_received += received
-            payloads = reader.feed(buffer[:received])
+            if not self._read_more:
+                self._receiver.wait(self.sock, self._replied)
+            buffer = _buffers.take()
+            try:
+                received = self.sock.recv_into(buffer)
+                if not received:
+                    return None
+                if not self.bytes_received:
+                    self._head = bytes(buffer[:2])
+                self.bytes_received += received
+                self._read_more = received == len(buffer)
+                payloads = reader.feed(buffer[:received])
+            finally:
+                _buffers.give(buffer)
             if payloads:
                 return payloads
 
@@ -375,3 +396,6 @@ def format_peer(peer):
     if isinstance(peer, tuple) and len(peer) >= 2:
         return "%s:%s" % (peer[0], peer[1])
     return str(peer) or "unix-socket"
+
+
+_buffers = BufferPool(_RECV_SIZE)

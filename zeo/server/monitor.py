@@ -72,6 +72,9 @@ def connection_lines(server):
     refusals = server.guard.refusals.counts()
     return ["Connections: %d" % server.connection_count(),
             "Connection limit: %d" % server.guard.limits.max_connections,
+            "Room for clients (file descriptors): %s"
+            % ("unlimited" if server.client_capacity is None
+               else server.client_capacity),
             "Connections refused: %d" % refusals[CONNECTION_REFUSED],
             "Closed for no register: %d" % refusals[REGISTER_TIMEOUT],
             "Frames refused: %d" % refusals[FRAME_REFUSED]]

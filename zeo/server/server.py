@@ -6,6 +6,7 @@ import threading
 
 from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
+from zeo.server import fd_limit
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
 from zeo.server.limits import ConnectionGuard, NetworkLimits
 from zeo.server.listener import format_address, make_listener
@@ -94,6 +95,10 @@ class StorageServer:
             "%s (%s%s)" % (name, served.storage.getName(),
                            ", read-only" if served.read_only else "")
             for name, served in self.storages.items()))
+        #: Clients the file descriptor limit leaves room for (None: no
+        #: limit known).
+        self.client_capacity = fd_limit.raise_and_report(
+            self.guard.limits.max_connections)
         logger.info("listening on %s%s", format_address(self.address),
                     " (TLS)" if tls is not None else "")
 
