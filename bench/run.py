@@ -98,6 +98,20 @@ CLIENT_COMPARISONS = [
 ]
 
 
+#: The sections a flag ``--NAME-only`` runs alone: name -> what they
+#: measure.
+ONLY_SECTIONS = {
+    "tls": "the TLS measurements",
+    "metrics": "the metrics-scraping measurements",
+    "blobs": "the blob measurements",
+    "reconnect": "the reconnection measurements (server restart, network "
+                 "partition)",
+    "relstorage": "the RelStorage (PostgreSQL) measurements",
+    "idle": "the idle-connection measurements (server RSS and threads "
+            "beside 0 to 1,000 idle clients)",
+}
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         description="Compare our ZEO server and client with the real "
@@ -131,16 +145,6 @@ def parse_arguments(argv):
         "--blob-passes", type=int,
         help="passes of the blob measurements (default 5, quick 1)")
     parser.add_argument(
-        "--blobs-only", action="store_true",
-        help="run the blob measurements only")
-    parser.add_argument(
-        "--metrics-only", action="store_true",
-        help="run the metrics-scraping measurements only")
-    parser.add_argument(
-        "--reconnect-only", action="store_true",
-        help="run the reconnection measurements only (server restart, "
-             "network partition)")
-    parser.add_argument(
         "--reconnect-passes", type=int,
         help="passes of the reconnection measurements (default 5, quick 1)")
     parser.add_argument(
@@ -151,19 +155,17 @@ def parse_arguments(argv):
         "--partition-wait", type=float, default=10,
         help="seconds a partitioned client is given to notice and fail "
              "over (default 10)")
-    parser.add_argument(
-        "--tls-only", action="store_true",
-        help="run the TLS measurements only")
-    parser.add_argument(
-        "--relstorage-only", action="store_true",
-        help="run the RelStorage (PostgreSQL) measurements only")
-    parser.add_argument(
-        "--idle-only", action="store_true",
-        help="run the idle-connection measurements only (server RSS and "
-             "threads beside 0 to 1,000 idle clients)")
+    for name, measurements in ONLY_SECTIONS.items():
+        parser.add_argument(
+            "--%s-only" % name, action="store_true",
+            help="run %s only" % measurements)
     options = parser.parse_args(argv)
-    if options.blobs_only and options.reconnect_only:
-        parser.error("--blobs-only and --reconnect-only exclude each other")
+    chosen = [name for name in ONLY_SECTIONS
+              if getattr(options, name + "_only")]
+    if len(chosen) > 1:
+        parser.error("--%s-only exclude each other"
+                     % "-only and --".join(chosen))
+    options.only = bool(chosen)
     if options.reconnect_passes is None:
         options.reconnect_passes = 1 if options.quick else 5
     if options.blob_passes is None:
@@ -432,9 +434,7 @@ def run(options):
     started = time.monotonic()
     status = 0
     blob_results = reconnect_results = idle_results = None
-    only = (options.blobs_only or options.metrics_only
-            or options.reconnect_only or options.tls_only
-            or options.relstorage_only or options.idle_only)
+    only = options.only
     try:
         if not only:
             status = run_throughput_and_cache(options, scratch)
