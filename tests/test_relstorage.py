@@ -98,10 +98,13 @@ def test_undo_through_zeo(tmp_path, database):
         assert server.stop() == 0, server.log
 
 
-def test_blobs_kept_in_the_database_travel(tmp_path, database):
-    """RelStorage keeping blobs in PostgreSQL (its blob-dir a cache):
-    a blob uploaded by our client is downloaded by ZEO's."""
-    options = "  blob-dir %s\n  shared-blob-dir false" % (tmp_path / "rs")
+@pytest.mark.parametrize("shared", ["false", "true"])
+def test_blobs_travel(tmp_path, database, shared):
+    """RelStorage keeping blobs in PostgreSQL (its blob-dir a cache), or
+    in its shared blob directory: a blob uploaded by our client is
+    downloaded by ZEO's."""
+    options = "  blob-dir %s\n  shared-blob-dir %s" % (tmp_path / "rs",
+                                                       shared)
     storages = {"1": "%%import relstorage\n%s" % relstorage_section(
         "1", database, True, options)}
     server = start_configured_server(str(tmp_path), "", storages,
