@@ -24,12 +24,19 @@ COMMANDS = {
 }
 
 
-def distribution_version():
-    """Our version, from the installed distribution's metadata."""
+def installed_version():
+    """Our version, from the installed distribution's metadata; None when
+    it is not installed (run from a checkout)."""
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        return "unknown (%s is not installed)" % DISTRIBUTION
+        return None
+
+
+def distribution_version():
+    """Our version, or what to say instead, for --version and the log."""
+    return (installed_version()
+            or "unknown (%s is not installed)" % DISTRIBUTION)
 
 
 def program_name(module):

@@ -18,10 +18,10 @@ import os
 import socket
 import threading
 import time
-from importlib import metadata
 
 import ZODB.TimeStamp
 
+from zeo.command_line import installed_version
 from zeo.server import blobs
 from zeo.server.limits import (CONNECTION_REFUSED, FRAME_REFUSED,
                                REGISTER_TIMEOUT)
@@ -41,18 +41,11 @@ ACCEPT_POLL_INTERVAL = 0.2
 MAX_LABEL_LENGTH = 80
 
 
-def our_version():
-    """The version of the installed distribution, for the header line."""
-    try:
-        return metadata.version("zeo-threaded")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def report(server, now=None):
     """The report text for `server`'s storages, sorted by name."""
     now = time.time() if now is None else now
-    lines = ["ZEO monitor server version %s" % our_version(),
+    lines = ["ZEO monitor server version %s"
+             % (installed_version() or "unknown"),
              time.ctime(now)] + connection_lines(server) + [""]
     watchdog = server.watchdog_status()
     for name in sorted(server.storages):
