@@ -22,7 +22,8 @@ import pytest
 import ZODB.tests.testblob
 
 from conftest import CLIENT_TIMEOUT, server_environment
-from server_process import start_configured_server, stop_all
+from server_process import (start_configured_server, stop_all,
+                            trusting_zodb_test_classes)
 from test_blob_client import BLOB_SERVER_IMPLS
 from zeo.ClientStorage import ClientStorage
 
@@ -49,7 +50,8 @@ class ServedClientStorage(ClientStorage):
                    "</filestorage>" % (os.path.abspath(name + ".fs"),
                                        server_blobs))
         self._server = start_configured_server(
-            directory, storages={"1": section}, impl=impl,
+            directory, trusting_zodb_test_classes(impl),
+            storages={"1": section}, impl=impl,
             env=server_environment())
         _started.append(self._server)
         ClientStorage.__init__(self, self._server.address, blob_dir=blob_dir,

@@ -23,7 +23,8 @@ import ZODB.tests.testblob
 from ZEO.ClientStorage import ClientStorage
 
 from conftest import CLIENT_TIMEOUT, SERVER_IMPL, server_environment
-from server_process import start_configured_server, stop_all
+from server_process import (start_configured_server, stop_all,
+                            trusting_zodb_test_classes)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,7 +47,8 @@ class ServedBlobClientStorage(ClientStorage):
                    "</filestorage>" % (os.path.abspath(name),
                                        os.path.abspath(server_blob_dir)))
         self._server_process = start_configured_server(
-            directory, "", {"1": section}, impl=SERVER_IMPL,
+            directory, trusting_zodb_test_classes(SERVER_IMPL),
+            {"1": section}, impl=SERVER_IMPL,
             env=server_environment())
         _servers.append(self._server_process)
         super().__init__(self._server_process.address, "1", blob_dir=blob_dir,

@@ -27,7 +27,8 @@ from ZODB.tests import testZODB
 
 from conftest import CLIENT_TIMEOUT, STORAGE_CONFORMANCE_MIXINS
 from conftest import filestorage_section, server_environment
-from server_process import OURS, THEIRS, start_configured_server, stop_all
+from server_process import (OURS, THEIRS, start_configured_server, stop_all,
+                            trusting_zodb_test_classes)
 from zeo.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +59,9 @@ class StoragePool:
         names = ["s%d" % number for number in range(STORAGES_PER_SERVER)]
         storages = {name: filestorage_section(
             name, os.path.join(directory, "%s.fs" % name)) for name in names}
-        server = start_configured_server(directory, "", storages,
+        server = start_configured_server(directory,
+                                         trusting_zodb_test_classes(self.impl),
+                                         storages,
                                          impl=self.impl,
                                          env=server_environment())
         self.servers.append(server)

@@ -33,7 +33,8 @@ from conftest import CLIENT_TIMEOUT
 from conftest import server_environment
 from postgres_cluster import relstorage_section
 from relstorage_fixtures import postgres
-from server_process import OURS, start_configured_server, stop_all
+from server_process import (OURS, start_configured_server, stop_all,
+                            trusting_zodb_test_classes)
 from test_client_conformance import ClientStorageConformance
 from zeo.ClientStorage import ClientStorage as OurClientStorage
 
@@ -137,8 +138,10 @@ class RelStoragePool:
             name = "s%d" % number
             storages[name] = relstorage_section(
                 name, self.cluster.dsn(database), self.keep_history)
-        server = start_configured_server(directory, "poll-interval %s"
-                                         % POOL_POLL_INTERVAL, storages,
+        server = start_configured_server(directory, "poll-interval %s\n%s"
+                                         % (POOL_POLL_INTERVAL,
+                                            trusting_zodb_test_classes(OURS)),
+                                         storages,
                                          impl=OURS, env=server_environment())
         self.servers.append(server)
         self._free.extend((server, name) for name in reversed(

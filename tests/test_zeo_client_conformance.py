@@ -14,7 +14,8 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.tests import PackableStorage
 
 from conftest import CLIENT_TIMEOUT, STORAGE_CONFORMANCE_MIXINS
-from conftest import start_test_server
+from conftest import SERVER_IMPL, start_test_server
+from server_process import trusting_zodb_test_classes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,7 +41,8 @@ class ZEOClientStorageConformance(*STORAGE_CONFORMANCE_MIXINS):
         self._stop_server()
 
     def _start_server(self):
-        self._server = start_test_server(self._directory)
+        self._server = start_test_server(
+            self._directory, trusting_zodb_test_classes(SERVER_IMPL))
 
     def _stop_server(self):
         server, self._server = self._server, None

@@ -199,6 +199,8 @@ class ServerRunner:
                 transaction_timeout=options.transaction_timeout,
                 client_conflict_resolution=(
                     options.client_conflict_resolution),
+                conflict_resolution_modules=(
+                    options.conflict_resolution_modules),
                 msgpack=options.msgpack,
                 monitor_address=options.monitor_address,
                 metrics_address=options.metrics_address,

@@ -22,6 +22,7 @@ from zeo import server_options, wire
 from zeo.command_line import (
     DISTRIBUTION, add_version_option, program_name)
 from zeo.server import busy_poll
+from zeo.server.conflict_globals import DEFAULT_TRUSTED_MODULES
 from zeo.server.limits import NetworkLimits
 from zeo.server.metrics import import_prometheus_client
 from zeo.server.mvcc import DEFAULT_POLL_INTERVAL
@@ -135,6 +136,7 @@ class ServerOptions:
     slow_load_threshold: typing.Optional[float] = None
     pid_filename: typing.Optional[str] = None
     client_conflict_resolution: bool = False
+    conflict_resolution_modules: tuple = DEFAULT_TRUSTED_MODULES
     msgpack: bool = False
     busy_poll_microseconds: int = busy_poll.DEFAULT_MICROSECONDS
     tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE
@@ -326,6 +328,8 @@ def _options_from_config(config):
         slow_load_threshold=section.slow_load_threshold,
         pid_filename=section.pid_filename,
         client_conflict_resolution=section.client_conflict_resolution,
+        conflict_resolution_modules=tuple(
+            section.conflict_resolution_modules),
         msgpack=msgpack,
         busy_poll_microseconds=section.busy_poll,
         tcp_keepalive=section.tcp_keepalive,

@@ -18,7 +18,7 @@ import tempfile
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
 
-from zeo.server import mvcc
+from zeo.server import conflict_globals, mvcc
 from zeo.server.blobs import TransactionBlobs
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class Buffering:
         resolved_or_undone = []  # oids the client must not cache from its data
         conflicts = {}
         resolved = None
-        with served.access:
+        with served.access, conflict_globals.resolving_with(
+                served.trusted_globals):
             served.before_vote()
             if self.tid is not None or self.status != " ":
                 storage.tpc_begin(self.metadata, self.tid, self.status)

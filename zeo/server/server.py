@@ -8,6 +8,7 @@ from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
 from zeo.server import fd_limit
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
+from zeo.server.conflict_globals import DEFAULT_TRUSTED_MODULES, TrustedGlobals
 from zeo.server.limits import ConnectionGuard, NetworkLimits
 from zeo.server.listener import format_address, make_listener
 from zeo.server.mvcc import DEFAULT_POLL_INTERVAL, DatabasePoller
@@ -28,7 +29,9 @@ class StorageServer:
     accepting, `serve_forever` starts and blocks until `close`.  `limits`
     (a `NetworkLimits`; its defaults if None) bounds what clients may make
     the server hold: connections, time to register, frame size, and the
-    mode of a Unix socket file.
+    mode of a Unix socket file.  `conflict_resolution_modules` names the
+    packages whose classes may resolve conflicts on the server (see
+    `zeo.server.conflict_globals`).
     """
 
     def __init__(self, address, storages, read_only=False,
@@ -39,7 +42,8 @@ class StorageServer:
                  busy_poll=DEFAULT_WINDOW, metrics_address=None,
                  slow_transaction_threshold=None, slow_load_threshold=None,
                  tcp_keepalive=DEFAULT_TCP_KEEPALIVE, tls=None,
-                 poll_interval=DEFAULT_POLL_INTERVAL):
+                 poll_interval=DEFAULT_POLL_INTERVAL,
+                 conflict_resolution_modules=DEFAULT_TRUSTED_MODULES):
         if msgpack is None:
             msgpack = bool(os.environ.get("ZEO_MSGPACK"))
         if msgpack and not wire.msgpack_available():
@@ -60,12 +64,14 @@ class StorageServer:
         #: dropped (see `zeo.server.listener.set_keepalive`).
         self.tcp_keepalive = tcp_keepalive
         self.storages = {}
+        trusted_globals = TrustedGlobals(conflict_resolution_modules)
         for name, storage in storages.items():
             served = ServedStorage(
                 name, storage, read_only=self.read_only,
                 invalidation_queue_size=invalidation_queue_size,
                 invalidation_age=invalidation_age,
-                client_conflict_resolution=client_conflict_resolution)
+                client_conflict_resolution=client_conflict_resolution,
+                trusted_globals=trusted_globals)
             self.storages[name] = served
         self._workers = []
         self._workers_lock = threading.Lock()

@@ -23,7 +23,7 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError, StorageError
 
-from zeo.server import blobs, mvcc
+from zeo.server import blobs, conflict_globals, mvcc
 from zeo.server.failed_writes import FailedWrite
 from zeo.server.timing import TimeHistogram
 
@@ -148,14 +148,20 @@ class ServedStorage:
 
     def __init__(self, name, storage, read_only=False,
                  invalidation_queue_size=100, invalidation_age=None,
-                 client_conflict_resolution=False):
+                 client_conflict_resolution=False, trusted_globals=None):
         self.name = name
         self.storage = storage
         self.read_only = read_only or storage.isReadOnly()
         self.invalidation_age = invalidation_age
         self.client_conflict_resolution = client_conflict_resolution
+        #: What the records of a resolved conflict may name (a
+        #: `conflict_globals.TrustedGlobals`), in force while voting.
+        self.trusted_globals = (trusted_globals
+                                or conflict_globals.TrustedGlobals())
         if client_conflict_resolution:
             storage.tryToResolveConflict = never_resolve
+            self.trusted_globals = conflict_globals.NOTHING_TRUSTED
+        conflict_globals.install()
         if blobs.serves_blobs(storage):
             blobs.remove_orphans(storage)
         self.stats = Statistics()
