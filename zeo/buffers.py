@@ -12,8 +12,11 @@ for the read, and gives it back once what it read is copied out.
 class BufferPool:
     """Buffers of `size` bytes, lent with `take` and returned with `give`.
 
-    `take` and `give` are a list's `pop` and `append`, atomic under the
-    GIL, so no lock is taken per read.  The pool keeps at most `keep` free
+    `take` and `give` are a list's `pop` and `append`, each atomic under
+    the GIL and on a free-threaded interpreter (where a list locks itself
+    per operation), so no lock is taken per read.  (`give` checks the
+    length before it appends: two threads may then keep one buffer more
+    than `keep`, which is harmless.)  The pool keeps at most `keep` free
     buffers: about as many as connections read at once, not as many as
     are connected; more are made when more read at once, and dropped when
     given back.
