@@ -17,7 +17,8 @@ import threading
 import time
 
 import zope.interface
-from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
+                                UndoError)
 from ZODB.serialize import referencesf
 
 from zeo.server import blobs
@@ -28,8 +29,9 @@ from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
 
-#: Outcomes that are part of normal operation, not server errors.
-EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError)
+#: Outcomes that are part of normal operation, not server errors (an undo
+#: of a transaction whose objects changed since is refused every time).
+EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError, UndoError)
 
 #: Open iterators one connection may hold (each may hold a file open).
 MAX_ITERATORS = 100
@@ -82,6 +84,9 @@ class Session(BlobCalls, CommitCalls):
         #: them (loads and finishes run there), so they need no lock.
         self.loads = 0
         self.commits = 0
+        #: Methods this client called with arguments they do not take
+        #: (each logged once: a client must not be able to flood the log).
+        self._miscalled = set()
         self._slow_load_threshold = server.slow_log.load_threshold
 
     # -- dispatch -------------------------------------------------------
@@ -399,8 +404,24 @@ class Session(BlobCalls, CommitCalls):
         if isinstance(error, EXPECTED_ERRORS):
             self.log("%s: %s", method, short_repr(error, 200),
                      level=logging.DEBUG)
+        elif _raised_by_the_call(error):
+            if method not in self._miscalled:
+                self._miscalled.add(method)
+                self.log("called %s with arguments it does not take: %s "
+                         "(logged once per method)", method,
+                         short_repr(error, 200), level=logging.WARNING)
         else:
             self.log("%s raised", method, level=logging.ERROR, exc_info=error)
+
+
+def _raised_by_the_call(error):
+    """Whether `error` is Python refusing the call's arguments, before the
+    method ran: a client's mistake, not the server's, so no traceback.
+    (Caught in the dispatching frame, such an error's traceback has no
+    frame below it.)"""
+    traceback = error.__traceback__
+    return (isinstance(error, TypeError) and traceback is not None
+            and traceback.tb_next is None)
 
 
 def _readable(descriptions):
