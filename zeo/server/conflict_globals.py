@@ -88,14 +88,21 @@ class UntrustedGlobal(ZODB.ConflictResolution.BadClass):
 
     def __init__(self, trusted, module, name):
         super().__init__(module, name)
-        self._trusted = trusted
-        self.__new__ = self.__call__
+        self.__new__ = _refusal(trusted, "%s.%s" % (module, name))
 
     def __call__(self, *args, **kwargs):
-        self._trusted.refused("%s.%s" % self.args, "it is outside "
-                              "conflict-resolution-modules")
-        raise ConflictError("conflict resolution may not use %s.%s"
-                            % self.args)
+        self.__new__()
+
+
+def _refusal(trusted, dotted_name):
+    """The function an `UntrustedGlobal` runs when used (a closure, not a
+    bound method: no reference cycle to wait for the garbage collector)."""
+    def refuse(*args, **kwargs):
+        trusted.refused(dotted_name, "it is not a class or function defined "
+                        "in conflict-resolution-modules")
+        raise ConflictError("conflict resolution may not use %s"
+                            % dotted_name)
+    return refuse
 
 
 class TrustedGlobals:
