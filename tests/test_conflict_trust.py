@@ -264,6 +264,11 @@ def test_a_class_of_a_trusted_module_resolves(served, client):
     assert record_state(client.call("loadBefore", oid, MAXTID)[0]) == 12
 
 
+def test_the_trusted_packages_are_logged_at_start(served):
+    assert ("conflicts are resolved with classes from: BTrees persistent "
+            "trusted_app" in served.process.log)
+
+
 def test_btrees_resolve_with_the_default_trust(served, client):
     oid, outcome = conflict_on(client, length(7), length(2))
     assert isinstance(outcome, bytes), outcome
