@@ -16,10 +16,10 @@ import pytest
 from ZODB.utils import maxtid, p64, z64
 
 from conftest import wait_until
-from server_process import (OURS, impl_from_environment, start_filestorage_server,
-                            temporary_directory)
+from server_process import (OURS, impl_from_environment,
+                            start_filestorage_server, temporary_directory)
 from test_ordering import (ROOT, begin_and_store, commit, connect,
-                           session_labelled)
+                           pause_fanout_at, session_labelled)
 from zeo import wire
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,6 +45,20 @@ def invalidations_until_synced(client):
     client.server_calls.clear()
     client.call("ping")
     return invalidations(client.server_calls)
+
+
+def recording_thread(failures, target, *args):
+    """A started thread running `target(*args)`; what it raises is
+    appended to `failures`."""
+    def run():
+        try:
+            target(*args)
+        except Exception as error:
+            failures.append((target.__name__, error))
+
+    thread = threading.Thread(target=run, name="test-" + target.__name__)
+    thread.start()
+    return thread
 
 
 def run_committer(client, number, created, committed):
@@ -116,30 +130,26 @@ def test_many_clients_get_every_invalidation_once_in_order():
             clients.append(setup)
             created = commit(setup, 1, [(oid, z64, 0) for oid in oids])
             idle = [connect(server) for _ in range(IDLE_CLIENTS)]
-            committers = [connect(server)
-                          for _ in range(COMMITTERS)]
+            committers = [connect(server) for _ in range(COMMITTERS)]
             loaders = [connect(server) for _ in range(LOADERS)]
             clients += idle + committers + loaders
             committed = [[] for _ in committers]
             traces = [[] for _ in loaders]
             stop = threading.Event()
-            loading = [threading.Thread(target=run_loader,
-                                        args=(client, oids, stop, trace),
-                                        name="test-loader")
+            failures = []
+            loading = [recording_thread(failures, run_loader, client, oids,
+                                        stop, trace)
                        for client, trace in zip(loaders, traces)]
-            committing = [threading.Thread(target=run_committer,
-                                           args=(client, number, created,
-                                                 done),
-                                           name="test-committer")
+            committing = [recording_thread(failures, run_committer, client,
+                                           number, created, done)
                           for number, (client, done)
                           in enumerate(zip(committers, committed))]
-            for thread in loading + committing:
-                thread.start()
             for thread in committing:
                 thread.join()
             stop.set()
             for thread in loading:
                 thread.join()
+            assert failures == []
             everything = sorted(sum(committed, []))
             assert len(everything) == COMMITTERS * COMMITS_EACH
             for client in idle:
@@ -155,22 +165,6 @@ def test_many_clients_get_every_invalidation_once_in_order():
             for client in clients:
                 client.close()
             server.stop()
-
-
-def _pause_fanout_at(session):
-    """Make the fan-out thread stop at `session` until released; returns
-    (reached, release) events."""
-    reached = threading.Event()
-    release = threading.Event()
-    send_queued = session.send_queued
-
-    def paused():
-        reached.set()
-        assert release.wait(20)
-        send_queued()
-
-    session.send_queued = paused
-    return reached, release
 
 
 class CountingSocket:
@@ -201,7 +195,7 @@ def test_committer_does_not_wait_for_the_fanout(make_server):
     writer = connect(server)
     counting = watched.channel.outbox._sock = CountingSocket(
         watched.channel.outbox._sock)
-    reached, release = _pause_fanout_at(stuck)
+    reached, release = pause_fanout_at(stuck)
     tids = []
     try:
         serial = z64

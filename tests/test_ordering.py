@@ -175,6 +175,22 @@ def session_labelled(server, client, label):
                 if session.channel.label.startswith(label))
 
 
+def pause_fanout_at(session):
+    """Make the fan-out thread stop at `session` until released; returns
+    the events (reached, release)."""
+    reached = threading.Event()
+    release = threading.Event()
+    send_queued = session.send_queued
+
+    def paused():
+        reached.set()
+        assert release.wait(20)
+        send_queued()
+
+    session.send_queued = paused
+    return reached, release
+
+
 def test_next_voter_gets_the_lock_before_invalidations_are_sent(server):
     """Rule 2 asks for the invalidations to be published under the commit
     lock, not sent: the lock goes to the next voter at once, and a fan-out
@@ -183,17 +199,8 @@ def test_next_voter_gets_the_lock_before_invalidations_are_sent(server):
     base = commit(winner, 1, [(ROOT, z64, 1)])
     voter = connect(server)
     bystander = connect(server)
-    paused = session_labelled(server, bystander, "bystander")
-    sending = threading.Event()
-    may_send = threading.Event()
-    send_queued = paused.send_queued
-
-    def slow_send_queued():
-        sending.set()
-        assert may_send.wait(10)
-        send_queued()
-
-    paused.send_queued = slow_send_queued
+    sending, may_send = pause_fanout_at(
+        session_labelled(server, bystander, "bystander"))
     try:
         begin_and_store(winner, 2, [(ROOT, base, 2)])
         assert winner.call("vote", 2) == []
