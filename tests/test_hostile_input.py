@@ -335,7 +335,8 @@ def test_forbidden_global_in_one_way_call_after_register(client, served):
     "nosuchmethod", "_store", "__init__", "__class__", "__getattribute__",
     "storage", "register", "ruok", "undo", "get_size_info", ".reply",
     "lookup", "disconnect", "log", "push", "closed", "stats",
-    "break_commit", "queue_invalidation", "tpc_begin_refused", "",
+    "break_commit", "queue_invalidation", "follow", "send_queued",
+    "tpc_begin_refused", "",
 ])
 def test_names_that_are_not_callable_close_after_register(
         client, served, name):

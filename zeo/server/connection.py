@@ -100,21 +100,22 @@ class ServerConnection:
         self.outbox.put(wire.frame(self._encode_reply(msgid, value)),
                         wake_writer=False)
 
-    def push(self, method, args, wake_writer=True, encoded=None):
-        """Queue a one-way call to the client (invalidations, info).
+    def push(self, method, args, wake_writer=True):
+        """Queue a one-way call to the client (info, a blob's chunks).
 
         Returns False if the connection is closing and dropped it.  A
-        caller that will `flush` soon passes `wake_writer=False`.  A
-        broadcast passes the same dict as `encoded` to every connection:
-        it keeps the frame per encoding, so a commit's invalidation is
-        encoded once (under the commit lock), not once per client.
+        caller that will `flush` soon passes `wake_writer=False`.
         """
-        shared = encoded if encoded is not None else {}
-        data = shared.get(self.codec.protocol)
-        if data is None:
-            data = shared[self.codec.protocol] = wire.frame(
-                self.codec.encode(0, wire.ONEWAY, method, args))
-        return self.outbox.put(data, wake_writer)
+        return self.outbox.put(self._encode_oneway(method, args),
+                               wake_writer)
+
+    def follow(self, log, owner):
+        """Have the outbox take `log`'s invalidations (None: stop)."""
+        self.outbox.follow(None if log is None else log.follow(
+            owner, self.codec.protocol, self._encode_oneway))
+
+    def _encode_oneway(self, method, args):
+        return wire.frame(self.codec.encode(0, wire.ONEWAY, method, args))
 
     def wait_for_room(self, threshold):
         """Wait until at most `threshold` bytes are unsent (a download's

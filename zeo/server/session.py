@@ -2,7 +2,8 @@
 
 A `Session` knows its storage, its transaction and its iterators.  It does
 not know about sockets or listening: it talks to its connection through a
-small channel interface (`reply`, `push`, `close`, `label`).  Its
+small channel interface (`reply`, `push`, `follow`, `flush`, `close`,
+`label`).  Its
 transaction calls live in `zeo.server.commit_calls`, its blob calls in
 `zeo.server.blob_calls`.
 
@@ -347,14 +348,20 @@ class Session(BlobCalls, CommitCalls):
     def push(self, method, *args):
         self.channel.push(method, args)
 
-    def queue_invalidation(self, tid, oids, encoded=None):
-        """Queue a commit's invalidation; the committer calls
-        `send_queued` once it has left the commit lock.  (`encoded`: see
-        `ServerConnection.push`.)"""
+    def follow(self, log):
+        """Receive the invalidations published to `log` (a
+        `zeo.server.fanout.InvalidationLog`; None: stop)."""
+        self.channel.follow(log, self)
+
+    def queue_invalidation(self, tid, oids):
+        """Queue an invalidation for this session alone (the committer's
+        share of what other servers committed); sent with its reply."""
         self.channel.push("invalidateTransaction", (tid, oids),
-                          wake_writer=False, encoded=encoded)
+                          wake_writer=False)
 
     def send_queued(self):
+        """Send what is queued and published, without blocking (the
+        fan-out thread's call)."""
         self.channel.flush()
 
     # -- the end --------------------------------------------------------------
