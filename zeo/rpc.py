@@ -64,7 +64,9 @@ class Outbox:
         self._room = threading.Condition(self._lock)
         self._room_waiters = 0
         #: Signalled, once closing, when nobody sends any more (`close`).
-        self._idle = threading.Condition(self._lock)
+        #: The same condition: each waiter checks its own predicate, and
+        #: a server has an outbox per connection.
+        self._idle = self._room
         self._frames = collections.deque()
         self._pending = 0
         #: Bytes ever queued (for the metrics), counted under our lock.
@@ -97,6 +99,7 @@ class Outbox:
                 return False
             if self._pending and self._pending + len(data) > self._limit:
                 overflowed = True
+                on_overflow = self._on_overflow
                 self._closing = True
                 self._frames.clear()
                 self._pending = 0
@@ -110,8 +113,8 @@ class Outbox:
                     self._start_writer()
         if overflowed:
             self._shutdown_socket()
-            if self._on_overflow is not None:
-                self._on_overflow()
+            if on_overflow is not None:
+                on_overflow()
         return not overflowed
 
     def wait_for_room(self, threshold, timeout=None):
@@ -259,6 +262,9 @@ class Outbox:
         `timeout` seconds for it to leave), and let the writer end."""
         with self._lock:
             self._closing = True
+            # Usually a method of the outbox's owner, which holds the
+            # outbox: dropped, the two no longer form a reference cycle.
+            self._on_overflow = None
             self._room.notify_all()
             if self._frames and not self._draining:
                 self._start_writer()

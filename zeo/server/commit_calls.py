@@ -184,14 +184,16 @@ class CommitCalls:
         granted = self.served.commit_lock.release(self)
         txn.times.mark("released")
         send = hand_off_then_send(granted, self.served, informed, txn.times)
+        # Not `outcome` itself in the closure: the closure becomes
+        # `outcome.after`, and the cycle would outlive the commit.
+        ending = "committed" if outcome.error is None else "failed"
 
         def after():
             try:
                 send()
             finally:
                 self.server.slow_log.transaction_ended(
-                    self, txn.times, *txn.size,
-                    "committed" if outcome.error is None else "failed")
+                    self, txn.times, *txn.size, ending)
         return after
 
     def tpc_abort(self, txn_id):
