@@ -18,6 +18,7 @@ import socketserver
 import threading
 
 from zeo.server.connection import ServerConnection, format_peer
+from zeo.server.fd_limit import AcceptBackoff
 from zeo.server.memory import FreedMemory
 from zeo.server.unix_socket import bind_with_mode, remove_stale_socket
 
@@ -42,6 +43,23 @@ class _ConnectionTracking:
         #: Bytes received and queued to send by connections that ended.
         self._ended_traffic = [0, 0]
         self.freed_memory = FreedMemory()
+        self._stopping = threading.Event()
+        self._accept_backoff = AcceptBackoff(self._stopping)
+
+    def get_request(self):
+        """Accept; without spinning while accepts fail for lack of file
+        descriptors (see `zeo.server.fd_limit.AcceptBackoff`)."""
+        try:
+            request = super().get_request()
+        except OSError as error:
+            self._accept_backoff.failed(error)
+            raise  # socketserver drops it and goes back to waiting
+        self._accept_backoff.succeeded()
+        return request
+
+    def shutdown(self):
+        self._stopping.set()  # cuts a back-off wait short
+        super().shutdown()
 
     def process_request(self, request, client_address):
         if not self.zeo_server.guard.admit(format_peer(client_address),
