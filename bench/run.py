@@ -108,7 +108,7 @@ ONLY_SECTIONS = {
                  "partition)",
     "relstorage": "the RelStorage (PostgreSQL) measurements",
     "idle": "the idle-connection measurements (server RSS and threads "
-            "beside 0 to 1,000 idle clients)",
+            "beside 0 to 5,000 idle clients)",
 }
 
 
