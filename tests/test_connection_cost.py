@@ -8,6 +8,7 @@ idle clients leave.
 """
 
 import os
+import platform
 import re
 import resource
 import time
@@ -18,7 +19,7 @@ from conftest import server_environment, wait_until
 from server_process import memory_kib, start_configured_server
 from server_process import temporary_directory
 from test_network_limits import Established, registered_client
-from zeo.server.memory import FreedMemory
+from zeo.server.memory import FreedMemory, limit_malloc_arenas
 
 IDLE_CLIENTS = 1000
 #: Server RSS one idle registered connection may add (the issue's
@@ -159,3 +160,9 @@ def test_freed_memory_is_given_back_once_a_burst_of_closes_is_over():
     now[0] = 10.0
     assert not freed.maybe_release()  # none ended since
     assert trims == [0]
+
+
+def test_malloc_arenas_are_limited_unless_the_operator_chose():
+    assert not limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"})
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas({})

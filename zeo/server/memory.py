@@ -11,17 +11,30 @@ back.  It walks every arena, so the server calls it once a burst of
 closes is over, not per close: when at least `TRIM_AFTER` connections
 have ended since the last call and none in the last `QUIET` seconds.
 
+glibc also gives threads arenas of their own, up to eight per CPU, so
+that threads rarely wait for each other's mallocs.  Our threads hold
+the GIL while they allocate, so more than two bought nothing measurable,
+while the memory each arena keeps after a burst adds up: with at most
+two (instead of 16 on two CPUs), 1,000 idle connections cost 1 KiB less
+each, and once they had gone the server kept 3.7 to 4.2 MB instead of
+4.7 to 6.7 MB.  `limit_malloc_arenas` sets that limit at start-up, unless the
+operator set `MALLOC_ARENA_MAX` in the environment.
+
 Python's own allocator keeps a 1 MiB arena as long as one object in it
-lives; what a burst leaves there is not ours to return (see README.rst,
-"What a connection costs").
+lives; what a burst leaves there is not ours to return.
 """
 
 import ctypes
 import logging
+import os
 import threading
 import time
 
 logger = logging.getLogger(__name__)
+
+#: glibc's arenas for all threads (see the module's docstring).
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
 #: Connections that must have ended since the last trim for another.
 TRIM_AFTER = 100
@@ -29,19 +42,29 @@ TRIM_AFTER = 100
 QUIET = 1.0
 
 
-def _find_malloc_trim():
-    """glibc's `malloc_trim`, or None (another C library, or no ctypes
+def _glibc_function(name, *argtypes):
+    """A function of glibc's, or None (another C library, or no ctypes
     access to the process's own symbols)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
 
 
-_MALLOC_TRIM = _find_malloc_trim()
+_MALLOC_TRIM = _glibc_function("malloc_trim", ctypes.c_size_t)
+
+
+def limit_malloc_arenas(environ=os.environ):
+    """Let glibc make at most MALLOC_ARENAS arenas, unless the operator
+    chose with MALLOC_ARENA_MAX (glibc reads it itself).  Called once at
+    start-up, before the connection threads; whether it set the limit."""
+    mallopt = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None or "MALLOC_ARENA_MAX" in environ:
+        return False
+    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
 class FreedMemory:
