@@ -200,7 +200,9 @@ class ServerConnection:
         return True
 
     def _serve(self):
-        self.outbox.put(wire.frame(self.server.protocol))
+        # Sent at once: the socket has room (a writer thread woken for
+        # it would cost a thread start per connection).
+        self.outbox.put(wire.frame(self.server.protocol), wake_writer=False)
         self.outbox.send_pending()
         registered_max_frame_size = self.server.guard.limits.max_frame_size
         reader = wire.FrameReader(min(registered_max_frame_size,
@@ -260,7 +262,9 @@ class ServerConnection:
 
     def _answer_ruok(self):
         status = self.server.ruok()
-        self.outbox.put(wire.frame(json.dumps(status).encode("ascii")))
+        self.outbox.put(wire.frame(json.dumps(status).encode("ascii")),
+                        wake_writer=False)
+        self.outbox.send_pending()
         self._close_reason = "ruok answered"
 
     def _handle(self, payload):
