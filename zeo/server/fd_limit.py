@@ -19,7 +19,6 @@ the episode once when it starts and once when it ends.
 
 import errno
 import logging
-import threading
 import time
 
 try:
@@ -84,21 +83,21 @@ class AcceptBackoff:
     resources: it waits before trying again (`failed`), and logs when
     that starts and when an accept succeeds again (`succeeded`).
 
-    Only the accept loop's thread calls it.  `stopping` is an Event that
-    cuts a wait short (the server is shutting down).
+    Only the accept loop's thread calls it.  `stopping`, an Event, cuts
+    a wait short (the server is shutting down).
     """
 
-    def __init__(self, stopping=None):
-        self._stopping = stopping or threading.Event()
+    def __init__(self, stopping):
+        self._stopping = stopping
         self._failures = 0
         self._delay = FIRST_BACKOFF
         self._since = None
 
     def failed(self, error):
-        """An accept failed with `error`; wait before the next if it is a
-        lack of resources (True then)."""
+        """An accept failed with `error`: if for lack of resources, wait
+        before the next try."""
         if error.errno not in OUT_OF_RESOURCES:
-            return False
+            return
         if not self._failures:
             self._since = time.monotonic()
             logger.error("cannot accept connections: %s; waiting for a "
@@ -107,7 +106,6 @@ class AcceptBackoff:
         self._failures += 1
         self._stopping.wait(self._delay)
         self._delay = min(self._delay * 2, MOST_BACKOFF)
-        return True
 
     def succeeded(self):
         if self._failures:

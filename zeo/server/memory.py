@@ -12,13 +12,13 @@ closes is over, not per close: when at least `TRIM_AFTER` connections
 have ended since the last call and none in the last `QUIET` seconds.
 
 glibc also gives threads arenas of their own, up to eight per CPU, so
-that threads rarely wait for each other's mallocs.  Our threads hold
-the GIL while they allocate, so more than two bought nothing measurable,
-while the memory each arena keeps after a burst adds up: with at most
-two (instead of 16 on two CPUs), 1,000 idle connections cost 1 KiB less
+that threads rarely wait for each other's mallocs.  Our threads
+allocate while holding Python's lock, so they seldom could, while the
+memory each arena keeps after a burst adds up: with at most two
+(instead of 16 on two CPUs), 1,000 idle connections cost 1 KiB less
 each, and once they had gone the server kept 3.7 to 4.2 MB instead of
-4.7 to 6.7 MB.  `limit_malloc_arenas` sets that limit at start-up, unless the
-operator set `MALLOC_ARENA_MAX` in the environment.
+4.7 to 6.7 MB.  `limit_malloc_arenas` sets that limit at start-up,
+unless the operator set `MALLOC_ARENA_MAX` in the environment.
 
 Python's own allocator keeps a 1 MiB arena as long as one object in it
 lives; what a burst leaves there is not ours to return.
@@ -86,8 +86,6 @@ class FreedMemory:
         self._lock = threading.Lock()
         self._ended = 0
         self._last_end = float("-inf")
-        #: Trims done, for tests and the curious.
-        self.trims = 0
 
     def connection_ended(self):
         if self._trim is None:
@@ -109,7 +107,6 @@ class FreedMemory:
             ended, self._ended = self._ended, 0
         started = time.monotonic()
         self._trim(0)
-        self.trims += 1
         logger.debug("%d connections ended: returned freed memory to the "
                      "system in %.1f ms", ended,
                      (time.monotonic() - started) * 1000)

@@ -77,7 +77,8 @@ class Session(BlobCalls, CommitCalls):
         #: allowed once registered (set by `register`): the connection's
         #: dispatch without a lookup per message.  Functions, called with
         #: the session, not bound methods: bound methods kept here would
-        #: tie the session into a reference cycle (see `closed`).
+        #: tie the session into a reference cycle (see
+        #: `ServerConnection._finish`).
         self.calls = {}
         #: What the client called itself (set_client_label), for the monitor.
         self.client_label = None
