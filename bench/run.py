@@ -112,7 +112,7 @@ ONLY_SECTIONS = {
                  "partition)",
     "relstorage": "the RelStorage (PostgreSQL) measurements",
     "idle": "the idle-connection measurements (server RSS and threads "
-            "beside 0 to 1,000 idle clients)",
+            "beside 0 to 5,000 idle clients)",
     "fanout": "the commits-beside-idle-clients measurements (commits/s "
               "beside 0 to 1,000 idle clients)",
 }

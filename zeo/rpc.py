@@ -71,7 +71,9 @@ class Outbox:
         self._room = threading.Condition(self._lock)
         self._room_waiters = 0
         #: Signalled, once closing, when nobody sends any more (`close`).
-        self._idle = threading.Condition(self._lock)
+        #: The same condition: each waiter checks its own predicate, and
+        #: a server has an outbox per connection.
+        self._idle = self._room
         self._frames = collections.deque()
         self._pending = 0
         #: Bytes ever queued (for the metrics), counted under our lock.
@@ -148,8 +150,9 @@ class Outbox:
         """The limit closed the outbox: shut the socket down (so the
         connection's reader notices and cleans up) and report it."""
         self._shutdown_socket()
-        if self._on_overflow is not None:
-            self._on_overflow()
+        on_overflow = self._on_overflow  # close() may drop it meanwhile
+        if on_overflow is not None:
+            on_overflow()
 
     def wait_for_room(self, threshold, timeout=None):
         """Wait until at most `threshold` bytes are left to send (queued,
@@ -308,6 +311,9 @@ class Outbox:
         `timeout` seconds for it to leave), and let the writer end."""
         with self._lock:
             self._closing = True
+            # Usually a method of the outbox's owner, which holds the
+            # outbox: dropped, the two no longer form a reference cycle.
+            self._on_overflow = None
             self._room.notify_all()
             if self._frames and not self._draining:
                 self._start_writer()

@@ -181,14 +181,16 @@ class CommitCalls:
         the fan-out thread's to send.)"""
         granted = self.served.commit_lock.release(self)
         txn.times.mark("released")
+        # Not `outcome` itself in the closure: the closure becomes
+        # `outcome.after`, and the cycle would outlive the commit.
+        ending = "committed" if outcome.error is None else "failed"
 
         def after():
             try:
                 run_handoffs(granted)
             finally:
                 self.server.slow_log.transaction_ended(
-                    self, txn.times, *txn.size,
-                    "committed" if outcome.error is None else "failed")
+                    self, txn.times, *txn.size, ending)
         return after
 
     def tpc_abort(self, txn_id):

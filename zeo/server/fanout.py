@@ -55,7 +55,10 @@ class _Entry:
     def __init__(self, tid, oids, committer):
         self.tid = tid
         self.oids = oids
-        #: The session that must not get it (its own commit), or None.
+        #: The id of the session that must not get it (its own commit),
+        #: or None.  An id, not the session: the log's newest entry must
+        #: not keep an ended session alive.  A session made later may get
+        #: the same id, but its cursor starts past this entry.
         self.committer = committer
         #: The encoded frame by encoding, filled by the first taker.
         self.frames = {}
@@ -78,7 +81,8 @@ class InvalidationLog:
 
     def append(self, tid, oids, committer=None):
         """Publish a commit (publication lock held)."""
-        entry = _Entry(tid, oids, committer)
+        entry = _Entry(tid, oids,
+                       None if committer is None else id(committer))
         self._tail.next = entry
         self._tail = entry
 
@@ -86,7 +90,7 @@ class InvalidationLog:
         """A cursor for `owner`'s outbox, at the end of the log
         (publication lock held): it gets every later commit, in its
         encoding `protocol`, framed by `encode(method, args)`."""
-        return Cursor(self._tail, owner, protocol, encode)
+        return Cursor(self._tail, id(owner), protocol, encode)
 
 
 class Cursor:
@@ -111,7 +115,7 @@ class Cursor:
         frames = []
         while entry.next is not None:
             entry = entry.next
-            if entry.committer is not self._owner:
+            if entry.committer != self._owner:
                 frames.append(entry.frame(self._protocol, self._encode))
         self._last = entry
         return frames
@@ -161,9 +165,14 @@ class Fanout:
                 if self._stopping:
                     return
                 self._woken = False
-            for session in list(self._sessions):
-                try:
-                    session.send_queued()
-                except Exception:
-                    logger.exception("sending invalidations to %s failed",
-                                     session.channel.label)
+            self._send_round()
+
+    def _send_round(self):
+        """One pass over the sessions (a function of its own, so that no
+        ended session stays referenced from the thread's loop)."""
+        for session in list(self._sessions):
+            try:
+                session.send_queued()
+            except Exception:
+                logger.exception("sending invalidations to %s failed",
+                                 session.channel.label)

@@ -14,6 +14,7 @@ Names a client may call are listed in `BEFORE_REGISTER` and
 import functools
 import itertools
 import logging
+import sys
 import threading
 import time
 
@@ -22,7 +23,6 @@ from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
                                 UndoError)
 from ZODB.serialize import referencesf
 
-from zeo.server import blobs
 from zeo.server.blob_calls import BlobCalls
 from zeo.server.commit_calls import CommitCalls
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
@@ -72,11 +72,16 @@ class Session(BlobCalls, CommitCalls):
         self._iterators = {}
         self._last_transaction_seen = {}
         self._iterator_ids = itertools.count()
-        self._downloads = blobs.Downloads(server, channel, self._blob_sent)
+        #: The blob downloads (`blobs.Downloads`), made by the first
+        #: `sendBlob`: most connections never download one.
+        self._downloads = None
         self.current_msgid = None
-        #: `name -> (bound method, publication lock or None)` of every call
-        #: allowed once registered (filled by `register`): the connection's
-        #: dispatch without a lookup per message.
+        #: `name -> (function, publication lock or None)` of every call
+        #: allowed once registered (set by `register`): the connection's
+        #: dispatch without a lookup per message.  Functions, called with
+        #: the session, not bound methods: bound methods kept here would
+        #: tie the session into a reference cycle (see
+        #: `ServerConnection._finish`).
         self.calls = {}
         #: What the client called itself (set_client_label), for the monitor.
         self.client_label = None
@@ -93,12 +98,17 @@ class Session(BlobCalls, CommitCalls):
     # -- dispatch -------------------------------------------------------
 
     def lookup(self, name):
-        """The bound method for a name callable now, or None."""
+        """The function (called with the session as its first argument)
+        for a name callable now, or None."""
         allowed = (AFTER_REGISTER if self.served is not None
                    else BEFORE_REGISTER)
         if name not in allowed:
             return None
-        return getattr(self, name)
+        # Interned: the interpreter's attribute cache keeps the name it
+        # looked up, and a fresh string per connection (decoded from the
+        # message) would outlive the connection there, scattered over the
+        # heap so that memory freed when clients leave stays with us.
+        return getattr(type(self), sys.intern(name))
 
     def publication_lock(self, name, args):
         """The lock a call must hold while it runs and queues its reply."""
@@ -129,10 +139,7 @@ class Session(BlobCalls, CommitCalls):
             raise ReadOnlyError()
         self.read_only = self.read_only or bool(read_only)
         self.served = served
-        self.calls = {
-            name: (getattr(self, name),
-                   served.publication if name in PUBLISHED_READS else None)
-            for name in AFTER_REGISTER}
+        self.calls = _registered_calls(type(self), served.publication)
         self.log("registered on storage %r%s", storage_name,
                  " (read-only)" if self.read_only else "")
         return served.join(self)
@@ -393,6 +400,9 @@ class Session(BlobCalls, CommitCalls):
         granted = self._abort_on_disconnect()
         for iid in list(self._iterators):
             self._forget_iterator(iid)
+        # Downloads still running hold it themselves; dropped here, it
+        # no longer ties the session and its connection into a cycle.
+        self._downloads = None
         if self.served is not None:
             self.served.leave(self)
         run_handoffs(granted)
@@ -429,6 +439,16 @@ def _raised_by_the_call(error):
     traceback = error.__traceback__
     return (isinstance(error, TypeError) and traceback is not None
             and traceback.tb_next is None)
+
+
+@functools.lru_cache(maxsize=64)
+def _registered_calls(session_class, publication):
+    """The `Session.calls` table of the sessions of one storage (the one
+    whose publication lock is `publication`): every session of that
+    storage shares it."""
+    return {name: (getattr(session_class, name),
+                   publication if name in PUBLISHED_READS else None)
+            for name in AFTER_REGISTER}
 
 
 def _readable(descriptions):
