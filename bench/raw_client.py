@@ -67,6 +67,11 @@ class RawClient:
         self._unsent.append(frame(PICKLE_PROTOCOL))
         self.last_tid = self.call("register", storage, read_only)
 
+    @property
+    def socket(self):
+        """The connection's socket (for a caller that reads it itself)."""
+        return self._sock
+
     def close(self):
         self._sock.close()
 

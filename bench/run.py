@@ -19,14 +19,16 @@ compared with what the clients did, which proves that the loads really
 reached the server (no client cache in the way) and that every commit
 committed.
 
-Three last sections time the pairs with persistent client caches
+The last sections time the pairs with persistent client caches
 (`persistent_cache.py`: a fresh client's start-up after a server restart,
 and warm cached reads), what TLS costs each server (`tls_overhead.py`:
 loads, commits and connection set-up over TLS and plain TCP), blob
 transfer (`blobs.py`: upload and download throughput, and the server's
-memory while a big blob crosses it) and reconnection (`reconnect.py`:
+memory while a big blob crosses it), reconnection (`reconnect.py`:
 how soon a connected client is usable again after a server restart, and
-how soon it notices a network partition and fails over).
+how soon it notices a network partition and fails over), idle clients'
+cost (`idle_connections.py`: server RSS and threads) and commits beside
+idle clients (`idle_commits.py`: commits/s beside 0 to 1,000 of them).
 
 See bench/README.md for how to read the output.
 """
@@ -49,6 +51,7 @@ sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import blobs  # noqa: E402
 import busy_clients  # noqa: E402
+import idle_commits  # noqa: E402
 import idle_connections  # noqa: E402
 import metrics_scrape  # noqa: E402
 import persistent_cache  # noqa: E402
@@ -56,6 +59,7 @@ import reconnect  # noqa: E402
 import relstorage_bench  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
+from server_cpu import ServerCpuMeter  # noqa: E402
 import tls_overhead  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
 from storage_template import StorageTemplate  # noqa: E402
@@ -109,7 +113,9 @@ ONLY_SECTIONS = {
                  "partition)",
     "relstorage": "the RelStorage (PostgreSQL) measurements",
     "idle": "the idle-connection measurements (server RSS and threads "
-            "beside 0 to 1,000 idle clients)",
+            "beside 0 to 5,000 idle clients)",
+    "fanout": "the commits-beside-idle-clients measurements (commits/s "
+              "beside 0 to 1,000 idle clients)",
     "busy": "the busy-clients measurements (1 to 64 raw clients loading; "
             "servers on the GIL and the free-threaded interpreter)",
 }
@@ -151,6 +157,10 @@ def parse_arguments(argv):
         "--reconnect-passes", type=int,
         help="passes of the reconnection measurements (default 5, quick 1)")
     parser.add_argument(
+        "--idle-commit-passes", type=int,
+        help="passes of the commits-beside-idle-clients measurements "
+             "(default 3, quick 1)")
+    parser.add_argument(
         "--heartbeat-timeout", type=float, default=2,
         help="our client's heartbeat_timeout in the partition measurement "
              "(default 2 seconds)")
@@ -178,6 +188,8 @@ def parse_arguments(argv):
         options.reconnect_passes = 1 if options.quick else 5
     if options.blob_passes is None:
         options.blob_passes = 1 if options.quick else 5
+    if options.idle_commit_passes is None:
+        options.idle_commit_passes = 1 if options.quick else 3
     defaults = (1, 0.2, 200) if options.quick else (5, 1.5, 2000)
     for name, default in zip(("repetitions", "duration", "objects"),
                              defaults):
@@ -220,38 +232,6 @@ class Measurement:
         self.log_problems = log_problems
         self.cpu_per_operation = cpu_per_operation
         self.client_cpu_per_operation = client_cpu_per_operation
-
-
-class ServerCpuMeter:
-    """CPU seconds a server process uses during the measurement window.
-
-    Throughput on a shared machine depends on what else runs; the CPU a
-    server spends per operation much less so, which makes it the steadier
-    figure for comparing two servers.  Read from /proc (Linux only).
-    """
-
-    def __init__(self, pid):
-        self._stat_path = "/proc/%d/stat" % pid
-        self._ticks_per_second = os.sysconf("SC_CLK_TCK")
-        self._started = None
-        self.seconds = None
-
-    @staticmethod
-    def available():
-        return os.path.exists("/proc/self/stat")
-
-    def _read(self):
-        with open(self._stat_path) as stat:
-            # Fields after the parenthesised command name; utime and stime
-            # are the 14th and 15th fields of the whole line.
-            fields = stat.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / self._ticks_per_second
-
-    def start(self):
-        self._started = self._read()
-
-    def stop(self):
-        self.seconds = self._read() - self._started
 
 
 def start_server(directory, side, options, tls=None):
@@ -442,6 +422,7 @@ def run(options):
     started = time.monotonic()
     status = 0
     blob_results = reconnect_results = idle_results = busy_results = None
+    fanout_results = None
     only = options.only
     try:
         if not only:
@@ -464,6 +445,8 @@ def run(options):
             relstorage_bench.print_report(relstorage_results)
         if not only or options.idle_only:
             idle_results = idle_connections.measure_all(options, scratch)
+        if not only or options.fanout_only:
+            fanout_results = idle_commits.measure_all(options, scratch)
         if not only or options.busy_only:
             busy_results = busy_clients.measure_all(options, scratch,
                                                     ServerCpuMeter)
@@ -482,6 +465,11 @@ def run(options):
     if idle_results is not None:
         print()
         idle_connections.print_report(idle_results)
+    if fanout_results is not None:
+        print()
+        idle_commits.print_report(fanout_results, options)
+        if idle_commits.report_problems(fanout_results):
+            status = 1
     if busy_results is not None:
         print()
         busy_clients.print_report(busy_results)

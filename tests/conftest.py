@@ -8,6 +8,7 @@ have; against the real ZEO they are expected to fail (strict xfail), so a
 test that does not catch the bug is noticed too.
 """
 
+import itertools
 import os
 import socket
 import time
@@ -125,6 +126,26 @@ def closing_all(make):
     yield make_and_remember
     for thing in made:
         thing.close()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory of servers in this process (real sockets on 127.0.0.1, a
+    FileStorage each), for tests that reach into the server to pause it
+    at a chosen point; keyword arguments go to `StorageServer`."""
+    from ZODB.FileStorage import FileStorage
+
+    from zeo.server import StorageServer
+    files = (str(tmp_path / ("Data%d.fs" % number))
+             for number in itertools.count())
+
+    def make(**options):
+        storage = FileStorage(next(files))
+        server = StorageServer(("127.0.0.1", 0), {"1": storage}, **options)
+        server.start()
+        return server
+
+    yield from closing_all(make)
 
 
 def pytest_configure(config):

@@ -273,3 +273,38 @@ def test_threads_loading_one_missing_blob_download_it_once(
     downloads = [record for record in caplog.records
                  if record.getMessage().startswith("downloaded blob")]
     assert len(downloads) == 1
+
+
+def test_our_uploads_are_adopted_even_after_the_cache_was_emptied_by_hand(
+        blob_server, storages, tmp_path, caplog):
+    """Adoption renames without the directory lock and remembers which
+    directories exist; a directory removed by hand is made again, and
+    what we uploaded is still never downloaded."""
+    cache = tmp_path / "cache"
+    storage = storages(blob_server, blob_dir=str(cache))
+    caplog.set_level("DEBUG", logger="zeo.client.blob_cache")
+    database = ZODB.DB(storage)
+    manager = transaction.TransactionManager()
+    connection = database.open(manager)
+    contents = [os.urandom(1000) for _ in range(3)]
+    for round_number, data in enumerate(contents):
+        if round_number == 0:
+            connection.root()["blob"] = ZODB.blob.Blob()
+        with connection.root()["blob"].open("w") as file:
+            file.write(data)  # a new revision of the same oid, directory
+        if round_number == 1:
+            for directory in cache.iterdir():
+                if directory.is_dir() and directory.name.isdigit():
+                    for path in directory.iterdir():
+                        path.unlink()
+                    directory.rmdir()
+        manager.commit()
+        path = storage.loadBlob(connection.root()["blob"]._p_oid,
+                                database.lastTransaction())
+        assert path.startswith(str(cache))
+        with open(path, "rb") as file:
+            assert file.read() == data
+        assert not os.stat(path).st_mode & 0o222  # read-only, as committed
+    assert not [record for record in caplog.records
+                if record.getMessage().startswith("downloaded blob")]
+    connection.close()

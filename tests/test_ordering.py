@@ -6,39 +6,22 @@ thread-per-connection server could reorder messages, then checks the bytes
 each client received, in order.
 """
 
-import itertools
 import threading
 import time
 
 import pytest
-from ZODB.FileStorage import FileStorage
 from ZODB.tests.MinPO import MinPO
 from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import maxtid, p64, z64
 
-from conftest import closing_all, wait_until
+from conftest import wait_until
 from raw_client import RawClient, RemoteError
 from zeo import wire
-from zeo.server import StorageServer
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = z64
 OTHER = p64(1)
-
-
-@pytest.fixture
-def make_server(tmp_path):
-    files = (str(tmp_path / ("Data%d.fs" % number))
-             for number in itertools.count())
-
-    def make(**options):
-        storage = FileStorage(next(files))
-        server = StorageServer(("127.0.0.1", 0), {"1": storage}, **options)
-        server.start()
-        return server
-
-    yield from closing_all(make)
 
 
 @pytest.fixture
@@ -192,25 +175,32 @@ def session_labelled(server, client, label):
                 if session.channel.label.startswith(label))
 
 
+def pause_fanout_at(session):
+    """Make the fan-out thread stop at `session` until released; returns
+    the events (reached, release)."""
+    reached = threading.Event()
+    release = threading.Event()
+    send_queued = session.send_queued
+
+    def paused():
+        reached.set()
+        assert release.wait(20)
+        send_queued()
+
+    session.send_queued = paused
+    return reached, release
+
+
 def test_next_voter_gets_the_lock_before_invalidations_are_sent(server):
-    """Rule 2 asks for the invalidations to be queued under the commit
-    lock, not sent: the lock goes to the next voter first, and a slow send
-    to a bystander does not hold up commits."""
+    """Rule 2 asks for the invalidations to be published under the commit
+    lock, not sent: the lock goes to the next voter at once, and a fan-out
+    held up at a bystander does not hold up commits."""
     winner = connect(server)
     base = commit(winner, 1, [(ROOT, z64, 1)])
     voter = connect(server)
     bystander = connect(server)
-    paused = session_labelled(server, bystander, "bystander")
-    sending = threading.Event()
-    may_send = threading.Event()
-    send_queued = paused.send_queued
-
-    def slow_send_queued():
-        sending.set()
-        assert may_send.wait(10)
-        send_queued()
-
-    paused.send_queued = slow_send_queued
+    sending, may_send = pause_fanout_at(
+        session_labelled(server, bystander, "bystander"))
     try:
         begin_and_store(winner, 2, [(ROOT, base, 2)])
         assert winner.call("vote", 2) == []

@@ -7,8 +7,9 @@ within its `heartbeat_timeout` (it is noticed within 1.25 timeouts of
 the last byte; the tests allow one second more), wake its callers with
 `ClientDisconnected`, fail over to another address, and after the
 partition heals, reconnect and verify its cache.  On the server, the
-transaction timeout frees the commit lock a silent client holds, and
-short TCP keepalive drops clients whose packets no longer arrive.
+transaction timeout frees the commit lock a silent client holds,
+register-timeout one that went silent while registering, and short TCP
+keepalive drops clients whose packets no longer arrive.
 """
 
 import logging
@@ -23,12 +24,14 @@ import ZODB
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
+import raw_client
 from conftest import (
     RawClient, closing_all, commit_one, server_environment, wait_until)
 from server_process import free_port, start_configured_server
 from silent_proxy import SilentProxy
 from test_client_reconnect import (  # noqa: F401 (fixtures)
     clients, messages, populate, server_loads, servers)
+from zeo import wire
 from zeo.Exceptions import ClientDisconnected
 
 pytestmark = pytest.mark.timeout(90)
@@ -161,6 +164,38 @@ def test_silent_lock_holder_is_dropped_and_another_client_commits(
     proxy.heal()
     wait_until(holder.is_connected, "the holder reconnects")
     assert holder.load(oid) == (b"by the other client", committed[0])
+
+
+@pytest.mark.parametrize("sent", ["handshake", "half a register"])
+def test_client_partitioned_while_registering_is_dropped(
+        tmp_path, proxies, sent):
+    """register-timeout holds when the network, not the client, goes
+    silent in the middle of registering: after the handshake, or after
+    part of the register message."""
+    timeout = 1
+    server = start_configured_server(
+        str(tmp_path), "register-timeout %d" % timeout,
+        env=server_environment())
+    try:
+        proxy = proxies(server.address)
+        client = raw_client.RawClient(proxy.address)
+        try:
+            client.handshake()
+            if sent == "half a register":
+                frame = wire.frame(
+                    client.codec.encode(1, 0, "register", ("1", False)))
+                client.send_raw_bytes(frame[:len(frame) // 2])
+            time.sleep(0.2)  # what was sent goes through the proxy
+            proxy.silence()
+            wait_until(lambda: "disconnected (no register in time)"
+                       in server.log, "the server drops the connection",
+                       timeout + 5)
+            assert re.search(r"no register within register-timeout "
+                             r"\(%ds\); closing" % timeout, server.log)
+        finally:
+            client.close()
+    finally:
+        assert server.stop() == 0
 
 
 def server_socket_timer(port):

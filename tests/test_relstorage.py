@@ -24,6 +24,10 @@ from relstorage_fixtures import (database, postgres, relstorage_config,
                                  start_relstorage_server)
 from postgres_cluster import relstorage_section
 from server_process import free_port, start_configured_server, write_config
+from hostile_pickles import Global
+from raw_client import RawClient
+from test_conflict_trust import (LENGTH, assert_conflict, calling_pickle,
+                                 class_pickle, conflict_on, length)
 from test_metrics import scrape, storage_value
 from zeo.ClientStorage import ClientStorage
 
@@ -125,6 +129,28 @@ def test_blobs_travel(tmp_path, database, shared):
         db.close()
     finally:
         assert server.stop() == 0, server.log
+
+
+@pytest.mark.parametrize("hostile", ["committed", "new"])
+def test_conflict_resolution_never_runs_a_record(server, tmp_path, hostile):
+    """RelStorage resolves conflicts in its own vote code, through the same
+    ZODB lookup that zeo restricts (see tests/test_conflict_trust.py).
+    Its conformance suite (test_relstorage_conformance) shows that
+    legitimate conflicts still resolve.
+    """
+    marker = tmp_path / "pwned"
+    touch = calling_pickle(Global("os", "system"), "touch %s" % marker,
+                           "GLOBAL+REDUCE")
+    record = class_pickle(*LENGTH) + touch
+    with RawClient(server.address) as client:
+        client.handshake()
+        client.register()
+        if hostile == "committed":
+            _, outcome = conflict_on(client, record, length(2))
+        else:
+            _, outcome = conflict_on(client, length(1), record)
+        assert_conflict(outcome)
+    assert not marker.exists()
 
 
 def test_size_statistics_reach_the_client(server):

@@ -6,6 +6,7 @@ client is the raw protocol client, so every call is exactly what a real
 client sends.
 """
 
+import base64
 import logging
 import threading
 import time
@@ -256,6 +257,39 @@ def test_expected_errors_are_not_logged_as_errors(start, caplog):
               if record.levelno >= logging.WARNING]
     assert errors == []
     assert status(server)["conflicts"] == 1
+
+
+def test_a_refused_undo_is_not_logged_as_an_error(start, caplog):
+    server = start()
+    client = connect(server)
+    first = commit(client, 1, [(z64, z64, 1)])
+    commit(client, 2, [(z64, first, 2)])
+    caplog.set_level(logging.DEBUG, logger="zeo")
+    client.send_oneway("tpc_begin", 3, b"", b"", {}, None, " ")
+    client.send_oneway("undoa", base64.encodebytes(first).rstrip(), 3)
+    with pytest.raises(RemoteError) as refused:
+        client.call("vote", 3)
+    assert "UndoError" in refused.value.class_name
+    assert [record for record in caplog.records
+            if record.levelno >= logging.WARNING] == []
+
+
+def test_wrong_arguments_are_logged_once_per_method_without_traceback(
+        start, caplog):
+    server = start()
+    client = connect(server)
+    caplog.set_level(logging.DEBUG, logger="zeo")
+    for _ in range(3):
+        for call in [("loadBefore", z64), ("history", z64, 1, 2, 3)]:
+            with pytest.raises(RemoteError) as refused:
+                client.call(*call)
+            assert refused.value.class_name == "builtins.TypeError"
+    logged = [record for record in caplog.records
+              if record.levelno >= logging.WARNING]
+    assert [record.getMessage().split(") ", 1)[1].split(" with")[0]
+            for record in logged] == ["called loadBefore", "called history"]
+    assert not any(record.exc_info for record in logged)
+    assert client.call("lastTransaction") != b""  # still usable
 
 
 def test_one_pack_at_a_time(start):

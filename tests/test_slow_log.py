@@ -28,8 +28,7 @@ SLOW_LINE = re.compile(
     r"'1': client 'slowpoke' \(127\.0\.0\.1:\d+\) held the commit lock "
     r"(?P<held>[\d.]+)s for 1 records, (?P<bytes>\d+) bytes: "
     r"waiting for the lock [\d.]+s, storing [\d.]+s, voting [\d.]+s, "
-    r"waiting for tpc_finish (?P<waiting>[\d.]+)s, finishing [\d.]+s, "
-    r"sending invalidations [\d.]+s$")
+    r"waiting for tpc_finish (?P<waiting>[\d.]+)s, finishing [\d.]+s$")
 
 
 @pytest.fixture

@@ -1,38 +1,81 @@
-"""Receive buffers lent for one read at a time.
+"""Things lent for one use at a time: receive buffers, picklers.
 
 A server holds thousands of connections that are idle nearly all the
 time.  A large receive buffer owned by each (zero-filled, so resident)
 was most of what an idle client cost, and freed ones fragmented the heap
 so that the memory stayed with the process after the clients left.  So
 a connection waits for its socket to become readable, borrows a buffer
-for the read, and gives it back once what it read is copied out.
+for the read, and gives it back once what it read is copied out.  The
+same goes, on a smaller scale, for the pickler that encodes a message
+(`zeo.wire`): about 1 KB that a connection needs only while it encodes.
+
+A receive buffer is an anonymous memory map, not a bytearray: its pages
+become resident only as a read fills them (a bytearray is zero-filled,
+so all of it is), and one dropped from the pool goes straight back to
+the system instead of staying in the allocator's heap, where a burst of
+connections reading at once would leave it behind.
 """
 
+import functools
+import mmap
+import threading
 
-class BufferPool:
-    """Buffers of `size` bytes, lent with `take` and returned with `give`.
 
-    `take` and `give` are a list's `pop` and `append`, each atomic under
-    the GIL and on a free-threaded interpreter (where a list locks itself
-    per operation), so no lock is taken per read.  (`give` checks the
-    length before it appends: two threads may then keep one buffer more
-    than `keep`, which is harmless.)  The pool keeps at most `keep` free
-    buffers: about as many as connections read at once, not as many as
-    are connected; more are made when more read at once, and dropped when
-    given back.
+class Pool:
+    """Objects made by `make()`, lent with `take` and returned with `give`.
+
+    The pool owns at most `keep` objects (about as many as are in use at
+    once, not as many as there are connections), made as they are first
+    needed.  When more are in use at once, spares are made, and dropped
+    when given back; the pool keeps its own, not the spares, so the few
+    long-lived objects were made early, not in the middle of a burst,
+    where they would keep the allocator's memory for the whole burst
+    (one live object holds on to a whole arena of Python's allocator).
+
+    `take` and `give` take no lock for the common case: a list's `pop`
+    and `append`, and a dict's `get`, are each atomic under the GIL and
+    on a free-threaded interpreter alike (there such objects lock
+    themselves per operation).  An object that may be in a bad state (an
+    interrupted pickler) is given to `discard` instead.
     """
 
-    def __init__(self, size, keep=8):
-        self._size = size
+    def __init__(self, make, keep=8):
+        self._make = make
         self._keep = keep
         self._free = []
+        #: `id -> object` of the objects the pool owns.
+        self._own = {}
+        self._lock = threading.Lock()
 
     def take(self):
         try:
             return self._free.pop()
         except IndexError:
-            return memoryview(bytearray(self._size))
+            pass
+        item = self._make()
+        if len(self._own) < self._keep:
+            with self._lock:
+                if len(self._own) < self._keep:
+                    self._own[id(item)] = item
+        return item
 
-    def give(self, buffer):
-        if len(self._free) < self._keep:
-            self._free.append(buffer)
+    def give(self, item):
+        if self._own.get(id(item)) is item:
+            self._free.append(item)
+
+    def discard(self, item):
+        """Forget `item` (not to be lent again); a new one replaces it."""
+        with self._lock:
+            if self._own.get(id(item)) is item:
+                del self._own[id(item)]
+
+
+class BufferPool(Pool):
+    """Writable buffers of `size` bytes (memoryviews of anonymous maps)."""
+
+    def __init__(self, size, keep=8):
+        super().__init__(functools.partial(_anonymous_buffer, size), keep)
+
+
+def _anonymous_buffer(size):
+    return memoryview(mmap.mmap(-1, size))

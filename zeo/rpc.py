@@ -20,6 +20,13 @@ time the socket was full.  One shared sender multiplexing every blocked
 socket would save those starts but needs non-blocking sends and a
 selector of its own, and a TLS socket's sends take a lock another thread
 may hold; a thread that simply blocks in `sendmsg` keeps that simple.
+
+An outbox may also follow a `feed`: frames shared by many outboxes (a
+server's invalidations, published once per commit, not once per client).
+Whoever puts a frame or sends first takes what the feed holds for this
+outbox, under the outbox's lock, so the feed's frames leave ahead of
+anything put after they were published, and several of them leave in one
+send when they came faster than the sends.
 """
 
 import collections
@@ -64,7 +71,9 @@ class Outbox:
         self._room = threading.Condition(self._lock)
         self._room_waiters = 0
         #: Signalled, once closing, when nobody sends any more (`close`).
-        self._idle = threading.Condition(self._lock)
+        #: The same condition: each waiter checks its own predicate, and
+        #: a server has an outbox per connection.
+        self._idle = self._room
         self._frames = collections.deque()
         self._pending = 0
         #: Bytes ever queued (for the metrics), counted under our lock.
@@ -76,43 +85,74 @@ class Outbox:
         self._closing = False
         #: The writer thread while one runs (it alone clears this).
         self._writer = None
+        #: Frames published for this outbox elsewhere (see `follow`).
+        self._feed = None
 
     @property
     def pending(self):
         """Bytes queued and not yet handed to the kernel."""
         return self._pending
 
+    def follow(self, feed):
+        """Take frames from `feed` (None: stop) before anything put from
+        now on.  `feed.ready()` says, without a lock, whether it may have
+        frames for us; `feed.take()` returns them (called under our lock,
+        so a feed serves one outbox)."""
+        with self._lock:
+            self._feed = feed
+
     def put(self, data, wake_writer=True):
-        """Queue one encoded frame.  Returns False if it was dropped.
+        """Queue one encoded frame (after what the feed holds).  Returns
+        False if it was dropped.
 
         With `wake_writer`, the writer sends it unless a sender is busy
         already.  A thread that calls `send_pending` soon after (the
         connection's own thread, once its call has left the publication
-        lock; a committer, for the invalidations it queued) passes
-        `wake_writer=False`: a writer for bytes that are about to leave
-        anyway would cost a thread start per reply.
+        lock) passes `wake_writer=False`: a writer for bytes that are
+        about to leave anyway would cost a thread start per reply.
         """
         with self._lock:
             if self._closing:
                 return False
-            if self._pending and self._pending + len(data) > self._limit:
-                overflowed = True
-                self._closing = True
-                self._frames.clear()
-                self._pending = 0
-                self._room.notify_all()
-            else:
-                overflowed = False
-                self._frames.append(data)
-                self._pending += len(data)
-                self.queued_bytes += len(data)
-                if wake_writer and not self._draining:
-                    self._start_writer()
-        if overflowed:
-            self._shutdown_socket()
-            if self._on_overflow is not None:
-                self._on_overflow()
-        return not overflowed
+            kept = self._take_feed() and self._append(data)
+            if kept and wake_writer and not self._draining:
+                self._start_writer()
+        if not kept:
+            self._overflowed()
+        return kept
+
+    def _take_feed(self):
+        """Queue what the feed holds (lock held, not closing).  Returns
+        False if that passed the limit and closed the outbox."""
+        if self._feed is None:
+            return True
+        for data in self._feed.take():
+            if not self._append(data):
+                return False
+        return True
+
+    def _append(self, data):
+        """Queue one frame, or close the outbox if it would pass the
+        limit (lock held, not closing).  Returns False if it closed: the
+        caller then calls `_overflowed` once the lock is released."""
+        if self._pending and self._pending + len(data) > self._limit:
+            self._closing = True
+            self._frames.clear()
+            self._pending = 0
+            self._room.notify_all()
+            return False
+        self._frames.append(data)
+        self._pending += len(data)
+        self.queued_bytes += len(data)
+        return True
+
+    def _overflowed(self):
+        """The limit closed the outbox: shut the socket down (so the
+        connection's reader notices and cleans up) and report it."""
+        self._shutdown_socket()
+        on_overflow = self._on_overflow  # close() may drop it meanwhile
+        if on_overflow is not None:
+            on_overflow()
 
     def wait_for_room(self, threshold, timeout=None):
         """Wait until at most `threshold` bytes are left to send (queued,
@@ -136,15 +176,18 @@ class Outbox:
             return not self._closing and room()
 
     def send_pending(self):
-        """Try to send what is queued now, without blocking.
+        """Try to send what is queued now (and what the feed holds),
+        without blocking.
 
-        Called by the connection's own thread after it queued a reply: the
-        common case (an empty queue and a socket with room) then needs no
-        thread switch at all, and takes the lock twice: to claim the queue
-        with its first batch, and to give it back.  What does not fit is
-        left to a writer, started for it.
+        Called by the connection's own thread after it queued a reply,
+        and by whoever publishes to the feed: the common case (an empty
+        queue and a socket with room) then needs no thread switch at
+        all, and takes the lock twice: to claim the queue with its first
+        batch, and to give it back.  What does not fit is left to a
+        writer, started for it.
         """
-        if not self._frames:
+        feed = self._feed
+        if not self._frames and (feed is None or not feed.ready()):
             # Nothing to do without the lock: what this thread queued is
             # visible to it, and whoever queues concurrently sends or
             # starts the writer itself (after a one-way call, say).  (A
@@ -152,10 +195,19 @@ class Outbox:
             return
         lock = self._lock
         with lock:
-            if self._draining or not self._frames or self._closing:
+            if self._closing:
                 return
-            self._draining = True
-            batch, size = self._take_batch()
+            if not self._take_feed():
+                overflowed = True
+            elif self._draining or not self._frames:
+                return
+            else:
+                overflowed = False
+                self._draining = True
+                batch, size = self._take_batch()
+        if overflowed:
+            self._overflowed()
+            return
         while True:
             try:
                 sent = self._sock.sendmsg(batch, (), _NONBLOCKING)
@@ -260,6 +312,9 @@ class Outbox:
         `timeout` seconds for it to leave), and let the writer end."""
         with self._lock:
             self._closing = True
+            # Usually a method of the outbox's owner, which holds the
+            # outbox: dropped, the two no longer form a reference cycle.
+            self._on_overflow = None
             self._room.notify_all()
             if self._frames and not self._draining:
                 self._start_writer()

@@ -21,7 +21,7 @@ import threading
 
 from zeo import logfiles
 from zeo.command_line import DISTRIBUTION, distribution_version
-from zeo.server import StorageServer
+from zeo.server import StorageServer, memory
 from zeo.server.unix_socket import remove_stale_socket
 from zeo.server_config import (
     ConfigurationError, format_address, one_line, parse_options)
@@ -147,6 +147,7 @@ class ServerRunner:
         self._install_signal_handlers()
         logger.info("%s %s starting (pid %d)", DISTRIBUTION,
                     distribution_version(), os.getpid())
+        memory.limit_malloc_arenas()
         for address in (self.options.address, self.options.monitor_address):
             if isinstance(address, str):
                 prepare_unix_socket(address)

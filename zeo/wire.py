@@ -16,9 +16,9 @@ import io
 import reprlib
 import pickle
 import struct
-import threading
 
 from zeo import message_shape
+from zeo.buffers import Pool
 
 #: Handshake identifiers: encoding letter + protocol version.
 PICKLE_PROTOCOL = b"Z5"
@@ -333,6 +333,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     left in the message as a value, not called, can be refused too.
     """
 
+    #: The table: `(module, name) -> object`, set on each unpickler.
     allowed = {}
 
     def find_class(self, module, name):
@@ -351,30 +352,26 @@ class PickleCodec:
     protocol = PICKLE_PROTOCOL
 
     def __init__(self, allowed_globals=SERVER_GLOBALS):
-        self._unpickler = type(
-            "Unpickler", (_RestrictedUnpickler,),
-            {"allowed": dict(allowed_globals)})
-        # One pickler kept for the common case: making a pickler costs
-        # more than pickling a typical message.  Several threads encode
-        # for one connection (replies, other committers' invalidations):
-        # whoever finds it busy makes its own.
-        self._kept_lock = threading.Lock()
-        self._kept = _new_pickler()
+        #: `(module, name) -> object`; not copied: the tables are
+        #: constants, and a server has a codec per connection.
+        self._allowed = allowed_globals
 
     def encode(self, msgid, flag, name, args):
-        if not self._kept_lock.acquire(False):
-            return _pickle_message((msgid, flag, name, args))
+        # A pickler borrowed for the message: making one costs more than
+        # pickling a typical message, and one kept per codec would cost
+        # about 1 KB per connection.  An interrupted one is not reused.
+        kept = _picklers.take()
+        output, pickler = kept
+        output.seek(0)
+        output.truncate()
         try:
-            output, pickler = self._kept
-            output.seek(0)
-            output.truncate()
             pickler.dump((msgid, flag, name, args))
-            return output.getvalue()
         except BaseException:
-            self._kept = _new_pickler()  # never reuse an interrupted one
+            _picklers.discard(kept)
             raise
-        finally:
-            self._kept_lock.release()
+        data = output.getvalue()
+        _picklers.give(kept)
+        return data
 
     def decode(self, payload):
         shape = message_shape.pickle_shape(payload)
@@ -394,7 +391,9 @@ class PickleCodec:
 
     def _decode_restricted(self, payload):
         """Decode a message that may name globals (shape checked)."""
-        unpickler = self._unpickler(io.BytesIO(payload), encoding="bytes")
+        unpickler = _RestrictedUnpickler(io.BytesIO(payload),
+                                         encoding="bytes")
+        unpickler.allowed = self._allowed
         unpickler.refused = []
         unpickler.resolved = {}
         try:
@@ -449,10 +448,8 @@ def _new_pickler():
     return output, pickler
 
 
-def _pickle_message(message):
-    output, pickler = _new_pickler()
-    pickler.dump(message)
-    return output.getvalue()
+#: Picklers lent to `PickleCodec.encode`, shared by every codec.
+_picklers = Pool(_new_pickler)
 
 
 def _as_message(value):

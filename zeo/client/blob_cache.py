@@ -5,10 +5,11 @@ blob `(oid, tid)` is the file ``<oid % 997>/<oid // 997>.<tid>.blob``
 (the tid as 16 hex digits), so that a real ZEO client can use the same
 directory, and several processes may share it.  Each of the 997
 directories has a ``.lock`` file (`zc.lockfile`, which locks across
-processes and across threads alike): a blob is downloaded, adopted after
-an upload, or trimmed away only by whoever holds its directory's lock.
-A process that wants a missing blob takes the lock, looks again (another
-process may have fetched it meanwhile), and only then asks the server.
+processes and across threads alike): a blob is downloaded or trimmed
+away only by whoever holds its directory's lock.  A process that wants a
+missing blob takes the lock, looks again (another process may have
+fetched it meanwhile), and only then asks the server.  Our own upload is
+adopted by a rename without the lock (see `BlobCache.adopt`).
 
 A download is written, as the server's chunks arrive, to ``<name>.dl``,
 which is made read-only and renamed into place once complete: a file
@@ -22,6 +23,7 @@ an oid and tid we checked, never from anything else the server sends.
 """
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -145,6 +147,9 @@ class BlobCache:
         prepare_directory(self.fshelper)
         self.directory = self.fshelper.base_dir
         self.downloads = Downloads()
+        #: The blob directories known to exist (at most 997), so that
+        #: adopting a blob costs no mkdir attempt.
+        self._directories = set()
         self._trimmer = None
         if size is not None:
             self._trimmer = CacheTrimmer(self.directory, size, size_check,
@@ -188,14 +193,29 @@ class BlobCache:
 
     def adopt(self, oid, tid, filename):
         """Move `filename`, our own upload of blob `(oid, tid)`, into the
-        cache, so that we never download what we just wrote."""
+        cache, so that we never download what we just wrote.
+
+        A rename within one file system needs no lock: whoever opens the
+        path, now or while another process downloads the same blob, gets
+        either the file that was there or ours, each whole and with the
+        same bytes.  (Taking the directory's lock file for every blob
+        cost a fifth of a small-blob upload.)  Only a copy to another
+        file system, which is not atomic, is done under the lock.
+        """
         path = self.path(oid, tid)
         size = os.stat(filename).st_size
-        with self._locked(path):
-            if os.path.exists(path):  # another thread fetched it already
-                ZODB.blob.remove_committed(filename)
-                return
-            ZODB.blob.rename_or_copy_blob(filename, path)
+        try:
+            self._rename_into_directory(filename, path)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            with self._locked(path):
+                if os.path.exists(path):  # another process fetched it
+                    ZODB.blob.remove_committed(filename)
+                    return
+                ZODB.blob.rename_or_copy_blob(filename, path)
+        else:
+            ZODB.blob.set_not_writable(path)
         self._added(size)
 
     def close(self):
@@ -207,6 +227,19 @@ class BlobCache:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         return contextlib.closing(lock_directory(directory))
+
+    def _rename_into_directory(self, filename, path):
+        """`os.replace`, making the target's directory when it is not
+        known to exist (or was removed by hand since)."""
+        directory = os.path.dirname(path)
+        if directory in self._directories:
+            try:
+                return os.replace(filename, path)
+            except FileNotFoundError:
+                self._directories.discard(directory)
+        os.makedirs(directory, exist_ok=True)
+        self._directories.add(directory)
+        os.replace(filename, path)
 
     def _download(self, oid, tid, path, fetch):
         """Fetch blob `(oid, tid)` into `path` (its directory locked)."""

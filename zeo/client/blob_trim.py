@@ -12,7 +12,7 @@ last blob added).
 Several processes may share one cache: a `check_size.lock` file lets one
 of them trim at a time; the others wait for it and then look again.  A
 blob is removed only under its directory's lock, and skipped if someone
-holds it (a download or an adoption is in progress there).  Removing is
+holds it (a download is in progress there).  Removing is
 unlinking: a reader that has the file open keeps reading it, and a
 client that wants it again downloads it again.
 """

@@ -17,9 +17,9 @@ from zeo.server.outcome import DEFERRED, Reply
 
 class BlobCalls:
     """storeBlobStart, storeBlobChunk, storeBlobEnd, storeBlobShared and
-    sendBlob, for a `Session` (which provides `served`, `read_only`,
-    `_txn`, `_txn_lock`, `_downloads`, `stats`, `log`, `channel` and
-    `current_msgid`)."""
+    sendBlob, for a `Session` (which provides `server`, `served`,
+    `read_only`, `_txn`, `_txn_lock`, `_downloads`, `stats`, `log`,
+    `channel` and `current_msgid`)."""
 
     def _blob_storage(self):
         storage = self.served.storage
@@ -79,6 +79,9 @@ class BlobCalls:
         blobs.check_id(serial)
         with self.served.access:
             blob_file = storage.openCommittedBlobFile(oid, serial)
+        if self._downloads is None:
+            self._downloads = blobs.Downloads(self.server, self.channel,
+                                              self._blob_sent)
         self._downloads.start(blob_file, oid, serial, self.current_msgid)
         return DEFERRED
 

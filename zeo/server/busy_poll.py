@@ -88,6 +88,16 @@ class BusyPolling:
             self._other_arrival = last
         self._last_arrival = (receiver, now)
 
+    def forget(self, receiver):
+        """`receiver`'s connection ended: keep the times of its arrivals,
+        not the receiver (a record may otherwise keep it for as long as
+        the server stays quiet)."""
+        last, other = self._last_arrival, self._other_arrival
+        if last[0] is receiver:
+            self._last_arrival = (None, last[1])
+        if other[0] is receiver:
+            self._other_arrival = (None, other[1])
+
     def others_quiet(self, receiver, now):
         """Whether no receiver but `receiver` got a message during the
         last QUIET_PERIOD."""
@@ -156,5 +166,7 @@ class Receiver:
         return False
 
     def close(self):
-        """The connection ended: it no longer counts as working."""
+        """The connection ended: it no longer counts as working, nor is
+        it kept in the records of arrivals."""
         self._working.discard(self)
+        self._policy.forget(self)

@@ -16,7 +16,7 @@ from ZODB.POSException import (ConflictError, ReadOnlyError,
                                StorageTransactionError)
 
 from zeo.server.commit import Buffering, Voted
-from zeo.server.outcome import DEFERRED, Reply, hand_off_then_send
+from zeo.server.outcome import DEFERRED, Reply, run_handoffs
 from zeo.server.timing import CommitTimes
 from zeo.wire import short_repr
 
@@ -158,17 +158,15 @@ class CommitCalls:
             self._txn = None
             self.stats.add("active_txns", -1)
             txn.times.mark("finish_called")
-            informed = ()
             try:
-                tid, informed = txn.finish(self.served, self)
-                outcome = Reply(tid)
+                outcome = Reply(txn.finish(self.served, self))
             except Exception as error:
                 # The storage's failure is logged (CRITICAL) where it is
                 # caught, with its traceback.
                 self.log("tpc_finish failed: %s", error, level=logging.ERROR)
                 outcome = Reply(error=error)
             txn.times.mark("finished")
-            outcome.after = self._after_commit(txn, informed, outcome)
+            outcome.after = self._after_commit(txn, outcome)
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.
@@ -177,21 +175,22 @@ class CommitCalls:
             self.log("committed %s", outcome.value.hex(), level=logging.DEBUG)
         return outcome
 
-    def _after_commit(self, txn, informed, outcome):
+    def _after_commit(self, txn, outcome):
         """Release the commit lock; return what runs once the reply is
-        queued: the hand-off, the invalidations, then the slow log (which
-        then knows how long the invalidations took)."""
+        queued: the hand-off, then the slow log.  (The invalidations are
+        the fan-out thread's to send.)"""
         granted = self.served.commit_lock.release(self)
         txn.times.mark("released")
-        send = hand_off_then_send(granted, self.served, informed, txn.times)
+        # Not `outcome` itself in the closure: the closure becomes
+        # `outcome.after`, and the cycle would outlive the commit.
+        ending = "committed" if outcome.error is None else "failed"
 
         def after():
             try:
-                send()
+                run_handoffs(granted)
             finally:
                 self.server.slow_log.transaction_ended(
-                    self, txn.times, *txn.size,
-                    "committed" if outcome.error is None else "failed")
+                    self, txn.times, *txn.size, ending)
         return after
 
     def tpc_abort(self, txn_id):

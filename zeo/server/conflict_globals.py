@@ -28,14 +28,24 @@ the client gets the conflict, as from a storage that cannot resolve it.
 The lookup applies only while a server thread votes (`resolving_with`);
 other threads of the process keep ZODB's own lookup, so an application
 that embeds a server and also opens local storages is not changed.
+
+A second path runs a record: a `ConflictError` built with the record's data
+names the record's class in its message, and ZODB's `get_pickle_metadata`
+finds it by unpickling the record with no limit at all (unless it starts
+with a plain GLOBAL opcode).  Every unresolved conflict, even with
+`client-conflict-resolution`, builds one.  `install` replaces that function
+for the whole process by `record_class_name`, which reads the same names
+from the pickle's opcodes without running any.
 """
 
 import contextlib
 import importlib
 import logging
+import pickletools
 import threading
 
 import ZODB.ConflictResolution
+import ZODB.utils
 from ZODB.POSException import ConflictError
 
 logger = logging.getLogger(__name__)
@@ -78,14 +88,21 @@ class UntrustedGlobal(ZODB.ConflictResolution.BadClass):
 
     def __init__(self, trusted, module, name):
         super().__init__(module, name)
-        self._trusted = trusted
-        self.__new__ = self.__call__
+        self.__new__ = _refusal(trusted, "%s.%s" % (module, name))
 
     def __call__(self, *args, **kwargs):
-        self._trusted.refused("%s.%s" % self.args, "it is outside "
-                              "conflict-resolution-modules")
-        raise ConflictError("conflict resolution may not use %s.%s"
-                            % self.args)
+        self.__new__()
+
+
+def _refusal(trusted, dotted_name):
+    """The function an `UntrustedGlobal` runs when used (a closure, not a
+    bound method: no reference cycle to wait for the garbage collector)."""
+    def refuse(*args, **kwargs):
+        trusted.refused(dotted_name, "it is not a class or function defined "
+                        "in conflict-resolution-modules")
+        raise ConflictError("conflict resolution may not use %s"
+                            % dotted_name)
+    return refuse
 
 
 class TrustedGlobals:
@@ -163,10 +180,46 @@ def _find_global(*args):
     return trusted.find_global(*args)
 
 
+#: Opcodes that push a string: the class of ZODB's usual record format,
+#: ``((module, name), None)``, is its first two.
+_STRING_OPCODES = frozenset([
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+    "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES"])
+
+#: Longer names are cut: the result only labels a ConflictError.
+_NAME_LIMIT = 200
+
+
+def record_class_name(data):
+    """`(module, name)` of a record's class, as ZODB's
+    `get_pickle_metadata` gives it, read from the opcodes of the first
+    pickle without running them; ``("", "")`` when there is none."""
+    strings = []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                strings = argument.split(" ", 1)
+                break
+            if opcode.name in _STRING_OPCODES:
+                if isinstance(argument, bytes):
+                    argument = argument.decode("latin-1")
+                strings.append(argument)
+                if len(strings) == 2:
+                    break
+    except ValueError:  # not a pickle: no class to name
+        pass
+    if len(strings) != 2:
+        return "", ""
+    return tuple(text[:_NAME_LIMIT] for text in strings)
+
+
 def install():
-    """Route ZODB's conflict-resolution lookup through `resolving_with`
-    (once per process; threads outside it keep ZODB's lookup)."""
+    """Make reading records safe in this process: ZODB's conflict-
+    resolution lookup goes through `resolving_with` (threads outside it
+    keep ZODB's), and ConflictError names classes by `record_class_name`.
+    """
     ZODB.ConflictResolution.find_global = _find_global
+    ZODB.utils.get_pickle_metadata = record_class_name
 
 
 @contextlib.contextmanager

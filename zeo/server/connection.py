@@ -19,7 +19,6 @@ has copied the payloads out.
 import json
 import logging
 import socket
-import threading
 import time
 
 from zeo import wire
@@ -60,7 +59,10 @@ class ServerConnection:
         self._read_more = False
         #: The first bytes received (to recognise a TLS client).
         self._head = b""
-        self._closing = threading.Event()
+        #: Set once the connection is ending (by any thread; read by its
+        #: own).  A plain flag: nothing waits for it, and an Event costs
+        #: about 1 KB per connection.
+        self._closing = False
         self._close_reason = None
         self.outbox = Outbox(sock, "zeo-conn-%s" % self.peer,
                              limit=server.outbox_limit,
@@ -100,21 +102,22 @@ class ServerConnection:
         self.outbox.put(wire.frame(self._encode_reply(msgid, value)),
                         wake_writer=False)
 
-    def push(self, method, args, wake_writer=True, encoded=None):
-        """Queue a one-way call to the client (invalidations, info).
+    def push(self, method, args, wake_writer=True):
+        """Queue a one-way call to the client (info, a blob's chunks).
 
         Returns False if the connection is closing and dropped it.  A
-        caller that will `flush` soon passes `wake_writer=False`.  A
-        broadcast passes the same dict as `encoded` to every connection:
-        it keeps the frame per encoding, so a commit's invalidation is
-        encoded once (under the commit lock), not once per client.
+        caller that will `flush` soon passes `wake_writer=False`.
         """
-        shared = encoded if encoded is not None else {}
-        data = shared.get(self.codec.protocol)
-        if data is None:
-            data = shared[self.codec.protocol] = wire.frame(
-                self.codec.encode(0, wire.ONEWAY, method, args))
-        return self.outbox.put(data, wake_writer)
+        return self.outbox.put(self._encode_oneway(method, args),
+                               wake_writer)
+
+    def follow(self, log, owner):
+        """Have the outbox take `log`'s invalidations (None: stop)."""
+        self.outbox.follow(None if log is None else log.follow(
+            owner, self.codec.protocol, self._encode_oneway))
+
+    def _encode_oneway(self, method, args):
+        return wire.frame(self.codec.encode(0, wire.ONEWAY, method, args))
 
     def wait_for_room(self, threshold):
         """Wait until at most `threshold` bytes are unsent (a download's
@@ -127,10 +130,10 @@ class ServerConnection:
 
     def close(self, reason):
         """Ask the connection to end; its own thread cleans up."""
-        if self._closing.is_set():
+        if self._closing:
             return
         self._close_reason = reason
-        self._closing.set()
+        self._closing = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -138,7 +141,8 @@ class ServerConnection:
 
     @property
     def registered(self):
-        return self.session.served is not None
+        session = self.session
+        return session is not None and session.served is not None
 
     # -- the connection's thread --------------------------------------------
 
@@ -151,7 +155,7 @@ class ServerConnection:
         try:
             self._serve()
         except OSError as error:
-            if not self._closing.is_set():
+            if not self._closing:
                 self._close_reason = "connection error: %s" % error
         except wire.FrameTooLarge as error:
             self._close_reason = "frame too large"
@@ -183,7 +187,7 @@ class ServerConnection:
                                 "seconds" % tls.handshake_timeout)
             return False
         except OSError as error:  # ssl.SSLError included
-            if not self._closing.is_set():
+            if not self._closing:
                 tls.failures.failed(self.peer, describe_failure(error))
             return False
         # Data that came with the handshake's last flight waits in the
@@ -197,7 +201,9 @@ class ServerConnection:
         return True
 
     def _serve(self):
-        self.outbox.put(wire.frame(self.server.protocol))
+        # Sent at once: the socket has room (a writer thread woken for
+        # it would cost a thread start per connection).
+        self.outbox.put(wire.frame(self.server.protocol), wake_writer=False)
         self.outbox.send_pending()
         registered_max_frame_size = self.server.guard.limits.max_frame_size
         reader = wire.FrameReader(min(registered_max_frame_size,
@@ -236,7 +242,7 @@ class ServerConnection:
         allocate n bytes for every call, however little arrived.
         """
         while True:
-            if self._closing.is_set():
+            if self._closing:
                 return None
             if not self._read_more:
                 self._receiver.wait(self.sock, self._replied)
@@ -257,7 +263,9 @@ class ServerConnection:
 
     def _answer_ruok(self):
         status = self.server.ruok()
-        self.outbox.put(wire.frame(json.dumps(status).encode("ascii")))
+        self.outbox.put(wire.frame(json.dumps(status).encode("ascii")),
+                        wake_writer=False)
+        self.outbox.send_pending()
         self._close_reason = "ruok answered"
 
     def _handle(self, payload):
@@ -276,15 +284,15 @@ class ServerConnection:
         session = self.session
         entry = session.calls.get(name)
         if entry is None:
-            method = session.lookup(name)
-            if method is None:
+            function = session.lookup(name)
+            if function is None:
                 logger.error("(%s) invalid method %s; closing", self.label,
                              wire.short_repr(name))
                 self._close_reason = "invalid method"
                 return False
             publication = _BY_ARGUMENTS
         else:
-            method, publication = entry
+            function, publication = entry
         oneway = bool(flag)
         self._replied = not oneway
         if not isinstance(args, (tuple, list)):
@@ -296,17 +304,18 @@ class ServerConnection:
         if publication is _BY_ARGUMENTS:
             publication = session.publication_lock(name, args)
         if publication is None:
-            keep = self._call(method, msgid, oneway, name, args)
+            keep = self._call(function, msgid, oneway, name, args)
         else:
             with publication:
-                keep = self._call(method, msgid, oneway, name, args)
+                keep = self._call(function, msgid, oneway, name, args)
         self.outbox.send_pending()
         return keep
 
-    def _call(self, method, msgid, oneway, name, args):
-        """Run a call and queue its reply (the caller sends it)."""
+    def _call(self, function, msgid, oneway, name, args):
+        """Run a call (a `Session` function) and queue its reply (the
+        caller sends it)."""
         try:
-            result = method(*args)
+            result = function(self.session, *args)
         except Exception as error:
             return self._fail(msgid, oneway, name, error)
         if isinstance(result, Reply):
@@ -376,7 +385,15 @@ class ServerConnection:
         self.close("output overflow")
 
     def _finish(self, log=True):
-        self._closing.set()
+        """The cleanup, once, in the connection's thread, however it ended.
+
+        It ends by dropping the session: the session keeps its channel
+        (a pack worker may still reply through it), so the two would
+        otherwise form a reference cycle, and every closed connection's
+        objects would wait for a full garbage collection instead of
+        being freed here (see `tests/test_connection_cost.py`).
+        """
+        self._closing = True
         self.server.guard.forget(self)
         self._receiver.close()
         try:
@@ -390,6 +407,7 @@ class ServerConnection:
             if log:
                 logger.info("(%s) disconnected (%s)", self.label,
                             self._close_reason or "client closed")
+            self.session = None
 
 
 def format_peer(peer):

@@ -9,9 +9,17 @@ after a reserve for everything else it opens (storage files, the
 listener, log files, the monitor, blob files being streamed, commit
 temporary files).  A `max-connections` above that room is warned about;
 the monitor shows the room.
+
+If they run out all the same, `accept` fails while the client waits in
+the listen queue, so the listening socket stays readable: an accept
+loop that simply tried again would spin at full CPU, and log nothing.
+`AcceptBackoff` makes it wait, longer each time up to a second, and log
+the episode once when it starts and once when it ends.
 """
 
+import errno
 import logging
+import time
 
 try:
     import resource
@@ -22,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 #: Descriptors kept for what is not a client connection.
 RESERVE = 64
+#: `accept` errors that mean the process or system ran out of something
+#: (descriptors, memory) rather than that one client went away.
+OUT_OF_RESOURCES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                              errno.ENOMEM])
+#: Seconds the accept loop waits after its first failed accept, doubled
+#: after each further one up to the most.
+FIRST_BACKOFF = 0.05
+MOST_BACKOFF = 1.0
 
 
 def raise_and_report(max_connections):
@@ -60,3 +76,41 @@ def raise_and_report(max_connections):
 
 def _text(value):
     return "unlimited" if value == resource.RLIM_INFINITY else "%d" % value
+
+
+class AcceptBackoff:
+    """How the accept loop behaves while accepts fail for lack of
+    resources: it waits before trying again (`failed`), and logs when
+    that starts and when an accept succeeds again (`succeeded`).
+
+    Only the accept loop's thread calls it.  `stopping`, an Event, cuts
+    a wait short (the server is shutting down).
+    """
+
+    def __init__(self, stopping):
+        self._stopping = stopping
+        self._failures = 0
+        self._delay = FIRST_BACKOFF
+        self._since = None
+
+    def failed(self, error):
+        """An accept failed with `error`: if for lack of resources, wait
+        before the next try."""
+        if error.errno not in OUT_OF_RESOURCES:
+            return
+        if not self._failures:
+            self._since = time.monotonic()
+            logger.error("cannot accept connections: %s; waiting for a "
+                         "client to leave (raise the file descriptor limit "
+                         "or lower max-connections)", error.strerror)
+        self._failures += 1
+        self._stopping.wait(self._delay)
+        self._delay = min(self._delay * 2, MOST_BACKOFF)
+
+    def succeeded(self):
+        if self._failures:
+            logger.warning("accepting connections again after %d failed "
+                           "accepts in %.1f seconds", self._failures,
+                           time.monotonic() - self._since)
+            self._failures = 0
+            self._delay = FIRST_BACKOFF

@@ -182,17 +182,24 @@ class RegisterDeadlines:
                 if expired is None:
                     return
             self._on_expired(expired)
+            # Not kept while waiting for the next one: a connection that
+            # has ended must be freed then, not when another expires.
+            del expired
 
     def _next_expired(self):
         """Wait for the first pending connection to expire and return it
-        (None once stopping); called with the condition held."""
+        (None once stopping); called with the condition held.
+
+        While it waits, it holds only the deadline: the connection may
+        register or end meanwhile, and must not be kept alive by us.
+        """
         while not self._stopping:
             if not self._pending:
                 self._condition.wait()
                 continue
-            connection, deadline = next(iter(self._pending.items()))
-            remaining = deadline - time.monotonic()
+            remaining = next(iter(self._pending.values())) - time.monotonic()
             if remaining <= 0:
+                connection = next(iter(self._pending))
                 del self._pending[connection]
                 return connection
             self._condition.wait(remaining)

@@ -6,7 +6,9 @@ what they leave unsaid: threads get names, TCP sockets get TCP_NODELAY
 would add delayed-ACK stalls) and short TCP keepalive (see
 `set_keepalive`), every live connection is tracked so shutdown can close
 and join them, a connection past max-connections is closed before it
-costs a thread, and a Unix socket file gets socket-mode.
+costs a thread, and a Unix socket file gets socket-mode.  Between
+accepts, the accept loop gives the memory of a burst of ended
+connections back to the system (`zeo.server.memory`).
 """
 
 import logging
@@ -16,6 +18,8 @@ import socketserver
 import threading
 
 from zeo.server.connection import ServerConnection, format_peer
+from zeo.server.fd_limit import AcceptBackoff
+from zeo.server.memory import FreedMemory
 from zeo.server.unix_socket import bind_with_mode, remove_stale_socket
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,24 @@ class _ConnectionTracking:
         self._live_lock = threading.Lock()
         #: Bytes received and queued to send by connections that ended.
         self._ended_traffic = [0, 0]
+        self.freed_memory = FreedMemory()
+        self._stopping = threading.Event()
+        self._accept_backoff = AcceptBackoff(self._stopping)
+
+    def get_request(self):
+        """Accept; without spinning while accepts fail for lack of file
+        descriptors (see `zeo.server.fd_limit.AcceptBackoff`)."""
+        try:
+            request = super().get_request()
+        except OSError as error:
+            self._accept_backoff.failed(error)
+            raise  # socketserver drops it and goes back to waiting
+        self._accept_backoff.succeeded()
+        return request
+
+    def shutdown(self):
+        self._stopping.set()  # cuts a back-off wait short
+        super().shutdown()
 
     def process_request(self, request, client_address):
         if not self.zeo_server.guard.admit(format_peer(client_address),
@@ -68,6 +90,11 @@ class _ConnectionTracking:
                 self._live.pop(connection, None)
                 self._ended_traffic[0] += connection.bytes_received
                 self._ended_traffic[1] += connection.outbox.queued_bytes
+            self.freed_memory.connection_ended()
+
+    def service_actions(self):
+        """Run by the accept loop between accepts (every poll interval)."""
+        self.freed_memory.maybe_release()
 
     def traffic(self):
         """`(bytes received, bytes queued to send, open connections)`

@@ -65,6 +65,9 @@ class StorageServer:
         self.tcp_keepalive = tcp_keepalive
         self.storages = {}
         trusted_globals = TrustedGlobals(conflict_resolution_modules)
+        if not client_conflict_resolution:
+            logger.info("conflicts are resolved with classes from: %s",
+                        " ".join(trusted_globals.modules) or "nothing")
         for name, storage in storages.items():
             served = ServedStorage(
                 name, storage, read_only=self.read_only,

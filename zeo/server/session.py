@@ -2,7 +2,8 @@
 
 A `Session` knows its storage, its transaction and its iterators.  It does
 not know about sockets or listening: it talks to its connection through a
-small channel interface (`reply`, `push`, `close`, `label`).  Its
+small channel interface (`reply`, `push`, `follow`, `flush`, `close`,
+`label`).  Its
 transaction calls live in `zeo.server.commit_calls`, its blob calls in
 `zeo.server.blob_calls`.
 
@@ -13,14 +14,15 @@ Names a client may call are listed in `BEFORE_REGISTER` and
 import functools
 import itertools
 import logging
+import sys
 import threading
 import time
 
 import zope.interface
-from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+from ZODB.POSException import (ConflictError, POSKeyError, ReadOnlyError,
+                                UndoError)
 from ZODB.serialize import referencesf
 
-from zeo.server import blobs
 from zeo.server.blob_calls import BlobCalls
 from zeo.server.commit_calls import CommitCalls
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
@@ -28,8 +30,9 @@ from zeo.wire import is_plain, short_repr
 
 logger = logging.getLogger(__name__)
 
-#: Outcomes that are part of normal operation, not server errors.
-EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError)
+#: Outcomes that are part of normal operation, not server errors (an undo
+#: of a transaction whose objects changed since is refused every time).
+EXPECTED_ERRORS = (ConflictError, POSKeyError, ReadOnlyError, UndoError)
 
 #: Open iterators one connection may hold (each may hold a file open).
 MAX_ITERATORS = 100
@@ -69,11 +72,16 @@ class Session(BlobCalls, CommitCalls):
         self._iterators = {}
         self._last_transaction_seen = {}
         self._iterator_ids = itertools.count()
-        self._downloads = blobs.Downloads(server, channel, self._blob_sent)
+        #: The blob downloads (`blobs.Downloads`), made by the first
+        #: `sendBlob`: most connections never download one.
+        self._downloads = None
         self.current_msgid = None
-        #: `name -> (bound method, publication lock or None)` of every call
-        #: allowed once registered (filled by `register`): the connection's
-        #: dispatch without a lookup per message.
+        #: `name -> (function, publication lock or None)` of every call
+        #: allowed once registered (set by `register`): the connection's
+        #: dispatch without a lookup per message.  Functions, called with
+        #: the session, not bound methods: bound methods kept here would
+        #: tie the session into a reference cycle (see
+        #: `ServerConnection._finish`).
         self.calls = {}
         #: What the client called itself (set_client_label), for the monitor.
         self.client_label = None
@@ -82,17 +90,25 @@ class Session(BlobCalls, CommitCalls):
         #: them (loads and finishes run there), so they need no lock.
         self.loads = 0
         self.commits = 0
+        #: Methods this client called with arguments they do not take
+        #: (each logged once: a client must not be able to flood the log).
+        self._miscalled = set()
         self._slow_load_threshold = server.slow_log.load_threshold
 
     # -- dispatch -------------------------------------------------------
 
     def lookup(self, name):
-        """The bound method for a name callable now, or None."""
+        """The function (called with the session as its first argument)
+        for a name callable now, or None."""
         allowed = (AFTER_REGISTER if self.served is not None
                    else BEFORE_REGISTER)
         if name not in allowed:
             return None
-        return getattr(self, name)
+        # Interned: the interpreter's attribute cache keeps the name it
+        # looked up, and a fresh string per connection (decoded from the
+        # message) would outlive the connection there, scattered over the
+        # heap so that memory freed when clients leave stays with us.
+        return getattr(type(self), sys.intern(name))
 
     def publication_lock(self, name, args):
         """The lock a call must hold while it runs and queues its reply."""
@@ -123,10 +139,7 @@ class Session(BlobCalls, CommitCalls):
             raise ReadOnlyError()
         self.read_only = self.read_only or bool(read_only)
         self.served = served
-        self.calls = {
-            name: (getattr(self, name),
-                   served.publication if name in PUBLISHED_READS else None)
-            for name in AFTER_REGISTER}
+        self.calls = _registered_calls(type(self), served.publication)
         self.log("registered on storage %r%s", storage_name,
                  " (read-only)" if self.read_only else "")
         return served.join(self)
@@ -342,14 +355,20 @@ class Session(BlobCalls, CommitCalls):
     def push(self, method, *args):
         self.channel.push(method, args)
 
-    def queue_invalidation(self, tid, oids, encoded=None):
-        """Queue a commit's invalidation; the committer calls
-        `send_queued` once it has left the commit lock.  (`encoded`: see
-        `ServerConnection.push`.)"""
+    def follow(self, log):
+        """Receive the invalidations published to `log` (a
+        `zeo.server.fanout.InvalidationLog`; None: stop)."""
+        self.channel.follow(log, self)
+
+    def queue_invalidation(self, tid, oids):
+        """Queue an invalidation for this session alone (the committer's
+        share of what other servers committed); sent with its reply."""
         self.channel.push("invalidateTransaction", (tid, oids),
-                          wake_writer=False, encoded=encoded)
+                          wake_writer=False)
 
     def send_queued(self):
+        """Send what is queued and published, without blocking (the
+        fan-out thread's call)."""
         self.channel.flush()
 
     # -- the end --------------------------------------------------------------
@@ -381,6 +400,9 @@ class Session(BlobCalls, CommitCalls):
         granted = self._abort_on_disconnect()
         for iid in list(self._iterators):
             self._forget_iterator(iid)
+        # Downloads still running hold it themselves; dropped here, it
+        # no longer ties the session and its connection into a cycle.
+        self._downloads = None
         if self.served is not None:
             self.served.leave(self)
         run_handoffs(granted)
@@ -399,8 +421,34 @@ class Session(BlobCalls, CommitCalls):
         if isinstance(error, EXPECTED_ERRORS):
             self.log("%s: %s", method, short_repr(error, 200),
                      level=logging.DEBUG)
+        elif _raised_by_the_call(error):
+            if method not in self._miscalled:
+                self._miscalled.add(method)
+                self.log("called %s with arguments it does not take: %s "
+                         "(logged once per method)", method,
+                         short_repr(error, 200), level=logging.WARNING)
         else:
             self.log("%s raised", method, level=logging.ERROR, exc_info=error)
+
+
+def _raised_by_the_call(error):
+    """Whether `error` is Python refusing the call's arguments, before the
+    method ran: a client's mistake, not the server's, so no traceback.
+    (Caught in the dispatching frame, such an error's traceback has no
+    frame below it.)"""
+    traceback = error.__traceback__
+    return (isinstance(error, TypeError) and traceback is not None
+            and traceback.tb_next is None)
+
+
+@functools.lru_cache(maxsize=64)
+def _registered_calls(session_class, publication):
+    """The `Session.calls` table of the sessions of one storage (the one
+    whose publication lock is `publication`): every session of that
+    storage shares it."""
+    return {name: (getattr(session_class, name),
+                   publication if name in PUBLISHED_READS else None)
+            for name in AFTER_REGISTER}
 
 
 def _readable(descriptions):

@@ -5,9 +5,10 @@ the three things that make a shared storage consistent for many clients:
 
 * the commit lock (`CommitLock`), taken at vote and released at finish or
   abort, with a FIFO of parked voters;
-* the publication lock: "apply a commit and queue its invalidations to every
-  other session" is atomic with respect to "read the storage for a reply
-  and queue that reply" (PROTOCOL.md section 9, rules 2, 3, 6, 7);
+* the publication lock: "apply a commit and publish its invalidation to
+  every other session" (`zeo.server.fanout`) is atomic with respect to
+  "read the storage for a reply and queue that reply" (PROTOCOL.md
+  section 9, rules 2, 3, 6, 7);
 * the invalidation queue that answers `getInvalidations`.
 """
 
@@ -23,7 +24,7 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError, StorageError
 
-from zeo.server import blobs, conflict_globals, mvcc
+from zeo.server import blobs, conflict_globals, fanout, mvcc
 from zeo.server.failed_writes import FailedWrite
 from zeo.server.timing import TimeHistogram
 
@@ -184,6 +185,9 @@ class ServedStorage:
         else:
             self.access = contextlib.nullcontext()
         self.sessions = []
+        #: Commits published to the sessions, and the thread sending them.
+        self._published = fanout.InvalidationLog()
+        self._fanout = fanout.Fanout(name, self.sessions)
         #: Loads of the sessions that left (see `loads`).
         self._loads_of_gone_sessions = 0
         self._invalidations = collections.deque(
@@ -222,12 +226,14 @@ class ServedStorage:
         """
         with self.publication:
             self.sessions.append(session)
+            session.follow(self._published)
             return self.last_transaction()
 
     def leave(self, session):
         with self.publication:
             if session in self.sessions:
                 self.sessions.remove(session)
+                session.follow(None)
                 self._loads_of_gone_sessions += session.loads
 
     def loads(self):
@@ -259,7 +265,9 @@ class ServedStorage:
         (a client's server sync must see those too)."""
         if self.mvcc:
             with self.publication:
-                self.send_queued(self._catch_up())
+                published = self._catch_up()
+            if published:
+                self._fanout.wake()
         return self.last_transaction()
 
     def before_vote(self):
@@ -267,25 +275,25 @@ class ServedStorage:
         other server's last commit (RelStorage checks conflicts and its
         cache against that view), and those commits are published
         first; `access` held."""
-        if self.mvcc:
-            self.send_queued(self._catch_up())
+        if self.mvcc and self._catch_up():
+            self._fanout.wake()
 
     def poll_database(self):
         """Publish the commits other servers made since our last poll."""
         with self.publication:
-            informed = self._catch_up()
-        self.send_queued(informed)
+            published = self._catch_up()
+        if published:
+            self._fanout.wake()
 
     def _catch_up(self):
-        """Poll an IMVCCStorage and queue what others committed to every
+        """Poll an IMVCCStorage and publish what others committed to every
         session, as one invalidation (publication lock held).  Returns
-        the sessions informed."""
+        whether there was any."""
         tid, oids = mvcc.changes_since(self.storage, self.last_transaction())
         if tid is None:
-            return []
-        sessions = list(self.sessions)
-        self._publish(tid, oids, sessions)
-        return sessions
+            return False
+        self._publish(tid, oids)
+        return True
 
     # -- commits ------------------------------------------------------------
 
@@ -293,12 +301,13 @@ class ServedStorage:
         """Commit a voted transaction and publish it.
 
         Under the publication lock: the storage's tpc_finish, the queue
-        append, and the invalidation queued on every other session.  No load
-        reply computed before the commit can then follow its invalidation.
+        append, and the invalidation published to every other session.  No
+        load reply computed before the commit can then follow its
+        invalidation.
 
-        Returns the tid and the sessions whose invalidation is queued but
-        not sent: the caller sends them (`send_queued`) once the
-        commit lock is released, so the next voter does not wait for it.
+        Returns the tid.  The invalidation is published, not sent: the
+        fan-out thread sends it (`zeo.server.fanout`), and neither the
+        committer nor the next voter waits for that.
         """
         tids = []
         with self.publication:
@@ -311,20 +320,17 @@ class ServedStorage:
             else:
                 failure = None
                 tid = tids[0] if tids else returned
-                others = [session for session in self.sessions
-                          if session is not committer]
                 if self.mvcc:
                     changed_oids = self._with_foreign_changes(
                         tid, changed_oids, committer)
-                self._publish(tid, changed_oids, others)
+                self._publish(tid, changed_oids, committer)
         if failure is not None:
             raise self._refuse_commits(failure) from failure
+        self._fanout.wake()
         self.stats.add("commits")
         if not self.mvcc:  # refreshed by the poller, never in the lock
             self._size_info = None
-        if self.mvcc:
-            others.append(committer)
-        return tid, others
+        return tid
 
     def _refuse_commits(self, failure):
         """A voted transaction failed to finish: stop committing.
@@ -394,28 +400,18 @@ class ServedStorage:
         committer.queue_invalidation(tid, foreign)
         return list(changed_oids) + foreign
 
-    def _publish(self, tid, oids, sessions):
-        """Record a commit and queue its invalidation (publication lock
-        held)."""
+    def _publish(self, tid, oids, committer=None):
+        """Record a commit and publish its invalidation to every session
+        but the committer's (publication lock held)."""
         self._invalidations.append((tid, oids))
-        encoded = {}
-        for session in sessions:
-            session.queue_invalidation(tid, oids, encoded)
-
-    @staticmethod
-    def send_queued(sessions):
-        """Push queued invalidations out from the committing thread: a
-        non-blocking send each, cheaper than waking every writer thread."""
-        for session in sessions:
-            session.send_queued()
+        self._published.append(tid, oids, committer)
 
     def publish_foreign_commit(self, tid, oids):
         """A commit made behind our back (the storage is itself a client
         of another server): queue it and tell every session."""
         with self.publication:
-            sessions = list(self.sessions)
-            self._publish(tid, oids, sessions)
-        self.send_queued(sessions)
+            self._publish(tid, oids)
+        self._fanout.wake()
         self._size_info = None
 
     @property
@@ -549,6 +545,7 @@ class ServedStorage:
             instance.release()
 
     def close(self):
+        self._fanout.stop()
         with self.access:
             try:
                 self.failed_write.cut()

@@ -53,10 +53,9 @@ class CommitTimes:
     commit lock is ours), `stored` (the buffered changes are in the
     storage), `voted` (the storage voted yes), `finish_called` (the
     client's tpc_finish arrived), `finished` (the storage committed and
-    the invalidations are queued), `released` (the lock was released),
-    `sending` (the lock was handed on to the next voter) and `sent` (the
-    invalidations left).  A transaction that ends early (a
-    conflict, an abort) has only the marks it reached.
+    the invalidations are published) and `released` (the lock was
+    released).  A transaction that ends early (a conflict, an abort) has
+    only the marks it reached.
     """
 
     __slots__ = ("marks",)
@@ -66,8 +65,7 @@ class CommitTimes:
               ("storing", "granted", "stored"),
               ("voting", "stored", "voted"),
               ("waiting for tpc_finish", "voted", "finish_called"),
-              ("finishing", "finish_called", "finished"),
-              ("sending invalidations", "sending", "sent"))
+              ("finishing", "finish_called", "finished"))
 
     def __init__(self):
         self.marks = {"requested": time.monotonic()}
