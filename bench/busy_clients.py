@@ -24,6 +24,7 @@ import time
 import server_process
 from passes import alternating_passes
 from raw_client import RawClient
+from server_cpu import ServerCpuMeter
 from storage_template import StorageTemplate
 from table import render_table
 from workloads import object_record
@@ -72,8 +73,7 @@ def _clients(connection, address, oids, count):
         connection.send(sum(pool.map(load, range(count))))
 
 
-def measure(interpreter, impl, clients, template, scratch, duration,
-            meter_class):
+def measure(interpreter, impl, clients, template, scratch, duration):
     """`(loads per second, server CPU microseconds per load)` of one
     server process serving `clients` busy clients."""
     _label, python, environment = interpreter
@@ -101,7 +101,7 @@ def measure(interpreter, impl, clients, template, scratch, duration,
             if not connection.poll(CONNECT_TIMEOUT):
                 raise RuntimeError("the clients did not connect in time")
             connection.recv()
-        meter = meter_class(server.process.pid)
+        meter = ServerCpuMeter(server.process.pid)
         start_at = time.monotonic() + 0.05
         for _process, connection in processes:
             connection.send((start_at, start_at + duration))
@@ -118,7 +118,7 @@ def measure(interpreter, impl, clients, template, scratch, duration,
     return loads / duration, meter.seconds / max(loads, 1) * 1e6
 
 
-def measure_all(options, scratch, meter_class):
+def measure_all(options, scratch):
     """`{(interpreter label, side, clients): [(loads/s, CPU us)]}`."""
     directory = tempfile.mkdtemp(prefix="busy-template-", dir=scratch)
     template = StorageTemplate(
@@ -132,7 +132,7 @@ def measure_all(options, scratch, meter_class):
                 "busy clients (%d), " % clients):
             for interpreter, side in ordered:
                 figures = measure(interpreter, side, clients, template,
-                                  scratch, options.duration, meter_class)
+                                  scratch, options.duration)
                 results.setdefault((interpreter[0], side, clients),
                                    []).append(figures)
     return results

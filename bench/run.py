@@ -448,8 +448,7 @@ def run(options):
         if not only or options.fanout_only:
             fanout_results = idle_commits.measure_all(options, scratch)
         if not only or options.busy_only:
-            busy_results = busy_clients.measure_all(options, scratch,
-                                                    ServerCpuMeter)
+            busy_results = busy_clients.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:
