@@ -12,6 +12,25 @@ CONSOLE_SCRIPTS = [
     "zeo-cache-simul = zeo.scripts.cache_simul:main",
 ]
 
+#: What the tests need, but for cryptography (see the "test" extras).
+TEST_REQUIREMENTS = [
+    "pytest",
+    "pytest-timeout",
+    "hypothesis",
+    "ZEO>=6",
+    "msgpack",
+    "zdaemon",
+    "zope.testing",
+    # test_console_scripts builds the project without build
+    # isolation (offline), which needs bdist_wheel.
+    "wheel",
+    "prometheus-client",
+    # RelStorage on a private PostgreSQL cluster
+    # (tests/postgres_cluster.py).
+    "RelStorage>=4",
+    "psycopg2-binary",
+]
+
 with open("README.rst", encoding="utf-8") as readme:
     long_description = readme.read()
 
@@ -33,25 +52,12 @@ setup(
     ],
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require={
-        "test": [
-            "pytest",
-            "pytest-timeout",
-            "hypothesis",
-            "ZEO>=6",
-            "msgpack",
-            "zdaemon",
-            "zope.testing",
-            # test_console_scripts builds the project without build
-            # isolation (offline), which needs bdist_wheel.
-            "wheel",
-            "prometheus-client",
+        "test": TEST_REQUIREMENTS + [
             # TLS tests make their certificates at test time.
-            "cryptography",
-            # RelStorage on a private PostgreSQL cluster
-            # (tests/postgres_cluster.py).
-            "RelStorage>=4",
-            "psycopg2-binary",
-        ],
+            "cryptography"],
+        # `make test-ft`: cryptography has no wheel for a free-threaded
+        # interpreter (tests/tls_certificates.py makes do without it).
+        "test-ft": TEST_REQUIREMENTS,
         "msgpack": ["msgpack"],
         # zeoctl: run the server as a daemon under zdaemon's manager.
         "daemon": ["zdaemon"],

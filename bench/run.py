@@ -50,6 +50,7 @@ REPOSITORY = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [BENCH_DIR, REPOSITORY, os.path.join(REPOSITORY, "tests")]
 
 import blobs  # noqa: E402
+import busy_clients  # noqa: E402
 import idle_commits  # noqa: E402
 import idle_connections  # noqa: E402
 import metrics_scrape  # noqa: E402
@@ -115,6 +116,8 @@ ONLY_SECTIONS = {
             "beside 0 to 5,000 idle clients)",
     "fanout": "the commits-beside-idle-clients measurements (commits/s "
               "beside 0 to 1,000 idle clients)",
+    "busy": "the busy-clients measurements (1 to 64 raw clients loading; "
+            "servers on the GIL and the free-threaded interpreter)",
 }
 
 
@@ -165,6 +168,11 @@ def parse_arguments(argv):
         "--partition-wait", type=float, default=10,
         help="seconds a partitioned client is given to notice and fail "
              "over (default 10)")
+    parser.add_argument(
+        "--ft-python", default=os.path.join(REPOSITORY, ".venv-ft", "bin",
+                                            "python"),
+        help="the free-threaded interpreter of the busy-clients section "
+             "(default: .venv-ft's, made by make test-ft)")
     for name, measurements in ONLY_SECTIONS.items():
         parser.add_argument(
             "--%s-only" % name, action="store_true",
@@ -413,7 +421,7 @@ def run(options):
     scratch = tempfile.mkdtemp(prefix="zeo-bench-")
     started = time.monotonic()
     status = 0
-    blob_results = reconnect_results = idle_results = None
+    blob_results = reconnect_results = idle_results = busy_results = None
     fanout_results = None
     only = options.only
     try:
@@ -439,6 +447,8 @@ def run(options):
             idle_results = idle_connections.measure_all(options, scratch)
         if not only or options.fanout_only:
             fanout_results = idle_commits.measure_all(options, scratch)
+        if not only or options.busy_only:
+            busy_results = busy_clients.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if blob_results is not None:
@@ -459,6 +469,9 @@ def run(options):
         idle_commits.print_report(fanout_results, options)
         if idle_commits.report_problems(fanout_results):
             status = 1
+    if busy_results is not None:
+        print()
+        busy_clients.print_report(busy_results)
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
     return status

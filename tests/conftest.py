@@ -166,9 +166,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def server_environment():
-    """Environment for server subprocesses: our package importable."""
+    """Environment for server subprocesses: our package importable, and
+    the GIL as in this process (`make test-ft` turns it off)."""
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
+    environment = {"PYTHONPATH": REPO_ROOT + (os.pathsep + path if path
+                                              else "")}
+    if "PYTHON_GIL" in os.environ:
+        environment["PYTHON_GIL"] = os.environ["PYTHON_GIL"]
+    return environment
 
 
 def filestorage_section(name, path):

@@ -88,7 +88,10 @@ def _open_unprivileged(file, mode="r", *args, **kwargs):
 def _as_unprivileged(case):
     if os.geteuid() == 0 and hasattr(case, "_dt_test"):
         case._dt_test.globs["open"] = _open_unprivileged
-        case._dt_globs["open"] = _open_unprivileged
+        # Before 3.13 the case copies the globals when it is made (and
+        # restores them from that copy); from 3.13 on, in setUp.
+        if hasattr(case, "_dt_globs"):
+            case._dt_globs["open"] = _open_unprivileged
     return case
 
 

@@ -30,7 +30,7 @@ from server_process import (ServerProcess, memory_kib, start_configured_server,
 from test_monitor import MONITOR_LINE, parse_report, read_report
 from test_runzeo import assert_configuration_error, run_runzeo
 from zeo import server_config
-from zeo.server import limits
+from zeo.server import free_threading, limits
 from zeo.server.limits import NetworkLimits, RefusalLog
 
 pytestmark = pytest.mark.timeout(180)
@@ -200,6 +200,7 @@ def test_connections_beyond_max_connections_are_refused(tmp, servers,
     assert zeo_client.commit("still here") == "still here"
     figures = monitor_figures(server)
     assert int(figures.pop("Room for clients (file descriptors)")) > 3
+    assert figures.pop("Running on") == free_threading.describe()
     assert figures == {
         "Connections": "3", "Connection limit": "3",
         "Connections refused": "1", "Closed for no register": "0",

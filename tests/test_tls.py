@@ -20,6 +20,7 @@ from ZEO.ClientStorage import ClientStorage as TheirClientStorage
 from ZODB.blob import Blob
 
 from conftest import CLIENT_TIMEOUT, REPO_ROOT, server_environment
+from conftest import wait_until
 from raw_client import RawClient
 from server_process import OURS, THEIRS, write_config
 from zeo import tls
@@ -238,7 +239,9 @@ def test_a_plain_client_that_talks_is_refused_at_once(pki, tls_servers):
         assert plain.is_closed(timeout=CLIENT_TIMEOUT)
     finally:
         plain.close()
-    assert "TLS handshake failed: the peer does not speak TLS" in server.log
+    # The server logs it after closing: the line may come a little later.
+    wait_until(lambda: "TLS handshake failed: the peer does not speak TLS"
+               in server.log, "the handshake failure line")
 
 
 def test_a_tls_client_is_refused_by_a_plain_server(pki, tls_servers):

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from ZEO.asyncio import marshal as zeo_marshal
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 
+from capped_child import CAP_ADDRESS_SPACE
 from fuzzing import MAXTID, OID, TID, TYPICAL_MESSAGES, Z64, flags, msgids
 from fuzzing import msgpack_values, opcode_argument, pickle_values
 from fuzzing import pickled
@@ -550,9 +551,8 @@ def test_shared_reference_bomb_is_handled_in_bounded_time(payload):
     it or return a message; run in a child with a memory cap and a
     deadline so a broken decoder cannot take the machine down.
     """
-    script = textwrap.dedent("""
-        import resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    script = CAP_ADDRESS_SPACE + textwrap.dedent("""
+        import sys
         from zeo import wire
         try:
             wire.PickleCodec().decode(bytes.fromhex(sys.argv[1]))

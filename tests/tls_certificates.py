@@ -7,18 +7,29 @@ read-only CA, one whose name matches a read-only pattern), a server
 certificate for another host name, and one whose key has a password.
 Every certificate has the extensions that strict X.509 verification asks
 for (key identifiers, key usage).
+
+`cryptography` has no wheel for a free-threaded interpreter, and its Rust
+sources need crates from the network: there (`make test-ft`) the
+interpreter named by ZEO_CERT_PYTHON, which has it, runs this module to
+write the same files.
 """
 
 import dataclasses
 import datetime
 import ipaddress
+import json
 import os
 import ssl
+import subprocess
+import sys
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError:
+    x509 = None  # make_pki asks ZEO_CERT_PYTHON
 
 _DAY = datetime.timedelta(days=1)
 
@@ -170,6 +181,8 @@ class PKI:
 
 def make_pki(directory):
     """Write every test certificate into `directory`."""
+    if x509 is None:
+        return _make_pki_elsewhere(directory)
     ca = Authority(directory, "zeo-test")
     read_only_ca = Authority(directory, "zeo-readers")
     other_ca = Authority(directory, "elsewhere")
@@ -189,3 +202,21 @@ def make_pki(directory):
         client_read_only_ca=read_only_ca.issue("reporter"),
         client_read_only_name=ca.issue("backup-nightly"),
     )
+
+
+def _make_pki_elsewhere(directory):
+    """`make_pki` run by the interpreter ZEO_CERT_PYTHON names."""
+    python = os.environ.get("ZEO_CERT_PYTHON")
+    if not python:
+        raise RuntimeError("cryptography is not installed: set "
+                           "ZEO_CERT_PYTHON to a Python that has it")
+    result = subprocess.run([python, os.path.abspath(__file__), directory],
+                            capture_output=True, text=True, check=True,
+                            timeout=60)
+    fields = json.loads(result.stdout)
+    return PKI(**{name: tuple(value) if isinstance(value, list) else value
+                  for name, value in fields.items()})
+
+
+if __name__ == "__main__":
+    print(json.dumps(dataclasses.asdict(make_pki(sys.argv[1]))))

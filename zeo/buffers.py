@@ -33,8 +33,10 @@ class Pool:
     (one live object holds on to a whole arena of Python's allocator).
 
     `take` and `give` take no lock for the common case: a list's `pop`
-    and `append` are atomic under the GIL.  An object that may be in a
-    bad state (an interrupted pickler) is given to `discard` instead.
+    and `append`, and a dict's `get`, are each atomic under the GIL and
+    on a free-threaded interpreter alike (there such objects lock
+    themselves per operation).  An object that may be in a bad state (an
+    interrupted pickler) is given to `discard` instead.
     """
 
     def __init__(self, make, keep=8):

@@ -190,7 +190,8 @@ class Outbox:
         if not self._frames and (feed is None or not feed.ready()):
             # Nothing to do without the lock: what this thread queued is
             # visible to it, and whoever queues concurrently sends or
-            # starts the writer itself (after a one-way call, say).
+            # starts the writer itself (after a one-way call, say).  (A
+            # deque's length is read whole without the GIL too.)
             return
         lock = self._lock
         with lock:

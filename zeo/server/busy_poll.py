@@ -33,9 +33,13 @@ Polling burns CPU that could serve somebody else, so five rules bound it:
 A connection "has a message in hand" from the moment its thread wakes up
 until it goes back to sleep waiting for its socket.  The set of such connections is a
 plain set, and each arrival recorded one attribute holding a tuple:
-adding, discarding and storing are single, atomic operations under the
-GIL, so no lock is taken per message.  (Two arrivals recorded at once may
-leave a slightly stale record; that only makes one poll more or less.)
+adding, discarding and storing are single operations, atomic under the
+GIL and on a free-threaded interpreter alike (there a set locks itself
+for each operation, and an attribute store replaces one reference), so
+no lock is taken per message.  The rule that keeps this safe without the
+GIL: nothing here reads a value, changes it and stores it back (no `+=`),
+and nothing iterates the set.  (Two arrivals recorded at once may leave
+a slightly stale record; that only makes one poll more or less.)
 """
 
 import os

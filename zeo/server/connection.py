@@ -272,7 +272,7 @@ class ServerConnection:
         """Run one message.  Returns False when the connection must end.
 
         The reply is queued under the call's publication lock, if any, and
-        sent once that lock is released: a send gives up the GIL, and
+        sent once that lock is released: a send is a system call, and
         other connections' loads must not wait for it on the lock.
         """
         try:

@@ -22,7 +22,7 @@ import time
 import ZODB.TimeStamp
 
 from zeo.command_line import installed_version
-from zeo.server import blobs
+from zeo.server import blobs, free_threading
 from zeo.server.limits import (CONNECTION_REFUSED, FRAME_REFUSED,
                                REGISTER_TIMEOUT)
 from zeo.server.listener import format_address
@@ -46,7 +46,8 @@ def report(server, now=None):
     now = time.time() if now is None else now
     lines = ["ZEO monitor server version %s"
              % (installed_version() or "unknown"),
-             time.ctime(now)] + connection_lines(server) + [""]
+             time.ctime(now), "Running on: %s" % free_threading.describe()
+             ] + unchecked_lines(server) + connection_lines(server) + [""]
     watchdog = server.watchdog_status()
     for name in sorted(server.storages):
         lines += storage_block(server.storages[name], watchdog, now)
@@ -57,6 +58,15 @@ def report(server, now=None):
         lines += ["Slow: %s" % line for line in slow]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def unchecked_lines(server):
+    """The C extensions running without the GIL that nobody checked for
+    it (see zeo.server.free_threading), if any."""
+    if not server.unchecked_extensions:
+        return []
+    return ["GIL off with unchecked C extensions: %s"
+            % ", ".join(server.unchecked_extensions)]
 
 
 def connection_lines(server):

@@ -6,7 +6,7 @@ import threading
 
 from zeo import wire
 from zeo.rpc import DEFAULT_OUTBOX_LIMIT
-from zeo.server import fd_limit
+from zeo.server import fd_limit, free_threading
 from zeo.server.busy_poll import DEFAULT_WINDOW, BusyPolling
 from zeo.server.conflict_globals import DEFAULT_TRUSTED_MODULES, TrustedGlobals
 from zeo.server.limits import ConnectionGuard, NetworkLimits
@@ -110,6 +110,9 @@ class StorageServer:
             self.guard.limits.max_connections)
         logger.info("listening on %s%s", format_address(self.address),
                     " (TLS)" if tls is not None else "")
+        #: Extension modules loaded and not checked for running without
+        #: the GIL, when it is off (logged at start).
+        self.unchecked_extensions = free_threading.check_at_start()
 
     def start(self):
         """Begin accepting connections in a background thread."""

@@ -478,9 +478,17 @@ class ServedStorage:
 
     def refresh_size_info(self):
         # RelStorage computes sizes on connections of its own: no need to
-        # hold up every read while it does.
-        with self._size_lock, (contextlib.nullcontext() if self.mvcc
-                               else self.access):
+        # hold up every read while it does.  Any other storage counts
+        # under the publication lock, which `finish` holds around
+        # tpc_finish: FileStorage's len() walks its index without a lock
+        # of its own, and without the GIL a walk racing the commit's
+        # index update could read freed memory.  (The walk visits one
+        # bucket per 65536 oids: microseconds.)
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._size_lock)
+            if not self.mvcc:
+                held.enter_context(self.publication)
+                held.enter_context(self.access)
             info = {"length": len(self.storage),
                     "size": self.storage.getSize()}
         self._size_info = info
