@@ -451,27 +451,26 @@ def run(options):
             busy_results = busy_clients.measure_all(options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if blob_results is not None:
+    # (results, how to print them, whether they hold problems or None)
+    reports = [
+        (blob_results, lambda results: blobs.print_report(results, options),
+         blobs.report_problems),
+        (reconnect_results,
+         lambda results: reconnect.print_report(results, options),
+         lambda results: reconnect.report_problems(results, log_problems)),
+        (idle_results, idle_connections.print_report, None),
+        (fanout_results,
+         lambda results: idle_commits.print_report(results, options),
+         idle_commits.report_problems),
+        (busy_results, busy_clients.print_report, None),
+    ]
+    for results, print_report, has_problems in reports:
+        if results is None:
+            continue
         print()
-        blobs.print_report(blob_results, options)
-        if blobs.report_problems(blob_results):
+        print_report(results)
+        if has_problems is not None and has_problems(results):
             status = 1
-    if reconnect_results is not None:
-        print()
-        reconnect.print_report(reconnect_results, options)
-        if reconnect.report_problems(reconnect_results, log_problems):
-            status = 1
-    if idle_results is not None:
-        print()
-        idle_connections.print_report(idle_results)
-    if fanout_results is not None:
-        print()
-        idle_commits.print_report(fanout_results, options)
-        if idle_commits.report_problems(fanout_results):
-            status = 1
-    if busy_results is not None:
-        print()
-        busy_clients.print_report(busy_results)
     print()
     print("whole run: %.0fs" % (time.monotonic() - started))
     return status
