@@ -148,9 +148,12 @@ class Outbox:
 
     def _overflowed(self):
         """The limit closed the outbox: shut the socket down (so the
-        connection's reader notices and cleans up) and report it."""
+        connection's reader notices and cleans up) and report it.
+
+        The callback is taken first: once the socket is shut down, the
+        reader may close the outbox, which drops it, before we report."""
+        on_overflow = self._on_overflow
         self._shutdown_socket()
-        on_overflow = self._on_overflow  # close() may drop it meanwhile
         if on_overflow is not None:
             on_overflow()
 

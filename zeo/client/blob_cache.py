@@ -215,7 +215,10 @@ class BlobCache:
                     return
                 ZODB.blob.rename_or_copy_blob(filename, path)
         else:
-            ZODB.blob.set_not_writable(path)
+            try:
+                ZODB.blob.set_not_writable(path)
+            except FileNotFoundError:
+                pass  # trimmed by another process already
         self._added(size)
 
     def close(self):
@@ -234,7 +237,8 @@ class BlobCache:
         directory = os.path.dirname(path)
         if directory in self._directories:
             try:
-                return os.replace(filename, path)
+                os.replace(filename, path)
+                return
             except FileNotFoundError:
                 self._directories.discard(directory)
         os.makedirs(directory, exist_ok=True)
