@@ -16,7 +16,7 @@ from ZODB.POSException import (ConflictError, ReadOnlyError,
                                StorageTransactionError)
 
 from zeo.server.commit import Buffering, Voted
-from zeo.server.outcome import DEFERRED, Reply, run_handoffs
+from zeo.server.outcome import DEFERRED, Reply
 from zeo.server.timing import CommitTimes
 from zeo.wire import short_repr
 
@@ -166,7 +166,10 @@ class CommitCalls:
                 self.log("tpc_finish failed: %s", error, level=logging.ERROR)
                 outcome = Reply(error=error)
             txn.times.mark("finished")
-            outcome.after = self._after_commit(txn, outcome)
+            # The hand-off runs once the reply is queued.  (The
+            # invalidations are the fan-out thread's to send.)
+            outcome.after = self._release_commit_lock(
+                txn, "committed" if outcome.error is None else "failed")
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.
@@ -174,24 +177,6 @@ class CommitCalls:
                               wake_writer=False)
             self.log("committed %s", outcome.value.hex(), level=logging.DEBUG)
         return outcome
-
-    def _after_commit(self, txn, outcome):
-        """Release the commit lock; return what runs once the reply is
-        queued: the hand-off, then the slow log.  (The invalidations are
-        the fan-out thread's to send.)"""
-        granted = self.served.commit_lock.release(self)
-        txn.times.mark("released")
-        # Not `outcome` itself in the closure: the closure becomes
-        # `outcome.after`, and the cycle would outlive the commit.
-        ending = "committed" if outcome.error is None else "failed"
-
-        def after():
-            try:
-                run_handoffs(granted)
-            finally:
-                self.server.slow_log.transaction_ended(
-                    self, txn.times, *txn.size, ending)
-        return after
 
     def tpc_abort(self, txn_id):
         with self._txn_lock:
