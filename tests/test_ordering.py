@@ -227,6 +227,47 @@ def test_next_voter_gets_the_lock_before_invalidations_are_sent(server):
                                             (third, [OTHER]))
 
 
+def test_a_commit_reply_leaves_before_a_later_commits_invalidation(server):
+    """Rule 5 against rule 2: the committer's tpc_finish reply is queued
+    before the commit lock is free, so no later commit's invalidation,
+    which its outbox would take first, can overtake it (a ZEO client
+    then refuses its own commit's tid as older than one it has seen)."""
+    committer = connect(server)
+    base = commit(committer, 1, [(ROOT, z64, 1)])
+    connection = session_labelled(server, committer, "committer").channel
+    queueing = threading.Event()
+    may_queue = threading.Event()
+    queue_reply = connection._queue_reply
+
+    def paused_queue_reply(msgid, outcome):
+        if msgid == 40:
+            queueing.set()
+            assert may_queue.wait(10)
+        queue_reply(msgid, outcome)
+
+    connection._queue_reply = paused_queue_reply
+    other = connect(server)
+    begin_and_store(committer, 2, [(ROOT, base, 2)])
+    assert committer.call("vote", 2) == []
+    committer.send_message(40, False, "tpc_finish", (2,))
+    assert queueing.wait(10)
+    # Between the commit and its reply: the next commit must wait.
+    begin_and_store(other, 3, [(OTHER, z64, 3)])
+    other.send_message(41, False, "vote", (3,))
+    published = other.read_message()
+    assert published.name == "invalidateTransaction"
+    with pytest.raises(TimeoutError):
+        other.read_message(timeout=0.5)  # no vote reply
+    may_queue.set()
+    seen = messages_until_reply(committer, 40)
+    assert [m.name for m in seen] == ["info", ".reply"]
+    own = seen[-1].args
+    assert other.call("tpc_finish", 3) > own
+    message = committer.read_message()
+    assert message.name == "invalidateTransaction"
+    assert message.args[0] > own
+
+
 def test_one_commit_invalidates_clients_of_both_encodings(server):
     """A broadcast is encoded once per encoding, not once per client:
     each client still gets it in its own."""

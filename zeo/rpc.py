@@ -90,8 +90,10 @@ class Outbox:
 
     @property
     def pending(self):
-        """Bytes queued and not yet handed to the kernel."""
-        return self._pending
+        """Bytes queued or taken by a sender, and not yet handed to the
+        kernel (a writer may hold a whole batch while the socket is full)."""
+        with self._lock:
+            return self._pending + self._in_flight
 
     def follow(self, feed):
         """Take frames from `feed` (None: stop) before anything put from

@@ -140,8 +140,10 @@ class CommitCalls:
             txn, "conflicts for the client"))
 
     def _release_commit_lock(self, txn, outcome):
-        """Release the commit lock that `txn` holds (the transaction lock
-        held), log it if it was slow, and return the hand-off."""
+        """Release the commit lock that `txn` holds, log it if it was
+        slow, and return the hand-off.  (The transaction lock held, or
+        for a finished transaction, which is no longer the session's,
+        once its reply is queued.)"""
         granted = self.served.commit_lock.release(self)
         txn.times.mark("released")
         self.server.slow_log.transaction_ended(self, txn.times, *txn.size,
@@ -166,10 +168,16 @@ class CommitCalls:
                 self.log("tpc_finish failed: %s", error, level=logging.ERROR)
                 outcome = Reply(error=error)
             txn.times.mark("finished")
-            # The hand-off runs once the reply is queued.  (The
-            # invalidations are the fan-out thread's to send.)
-            outcome.after = self._release_commit_lock(
-                txn, "committed" if outcome.error is None else "failed")
+            # The lock is released only once the reply is queued (the
+            # connection runs `after` then): a commit that took it sooner
+            # could publish its invalidation first, and an outbox queues
+            # what its feed holds before anything put after it, so the
+            # client would see a newer tid than its own commit's before
+            # that commit's reply (PROTOCOL.md 9).  (The invalidations
+            # are the fan-out thread's to send.)
+            outcome.after = functools.partial(
+                self._release_commit_lock, txn,
+                "committed" if outcome.error is None else "failed")
         if outcome.error is None:
             self.commits += 1
             # The connection's thread sends it with the reply, right after.

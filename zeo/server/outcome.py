@@ -12,8 +12,8 @@ class Reply:
     """A call's outcome: a value or an error, and what to run once sent.
 
     `after` is a commit-lock hand-off (see CommitLock.release), or for a
-    commit the hand-off and its slow-log line: `run_handoffs` runs it
-    after the reply is queued, outside every lock.
+    commit the release of the lock, which returns the hand-off:
+    `run_handoffs` runs it after the reply is queued, outside every lock.
     """
 
     __slots__ = ("value", "error", "after")
