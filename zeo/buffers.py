@@ -32,19 +32,26 @@ class Pool:
     where they would keep the allocator's memory for the whole burst
     (one live object holds on to a whole arena of Python's allocator).
 
-    `take` and `give` take no lock for the common case: a list's `pop`
-    and `append`, and a dict's `get`, are each atomic under the GIL and
-    on a free-threaded interpreter alike (there such objects lock
-    themselves per operation).  An object that may be in a bad state (an
-    interrupted pickler) is given to `discard` instead.
+    `take` and `give` take no lock of ours for the common case: a list's
+    `pop` and `append` are each atomic under the GIL and on a
+    free-threaded interpreter alike (there the list locks itself for the
+    operation).  What the pool owns is a tuple, read without any lock,
+    not a dict: on a free-threaded interpreter a dict looked up by an int
+    key locks itself, and with every connection's thread asking it twice
+    per message, threads queued on that one lock (16 busy clients cost
+    three times the CPU per load).  An object that may be in a bad state
+    (an interrupted pickler) is given to `discard` instead.
     """
 
     def __init__(self, make, keep=8):
         self._make = make
         self._keep = keep
         self._free = []
-        #: `id -> object` of the objects the pool owns.
-        self._own = {}
+        #: The objects the pool owns, and their ids: tuples, replaced
+        #: whole (under `_lock`) when one is added or dropped, so that
+        #: `give` reads them without any lock (see the class docstring).
+        self._own = ()
+        self._own_ids = ()
         self._lock = threading.Lock()
 
     def take(self):
@@ -56,18 +63,25 @@ class Pool:
         if len(self._own) < self._keep:
             with self._lock:
                 if len(self._own) < self._keep:
-                    self._own[id(item)] = item
+                    self._set_own(self._own + (item,))
         return item
 
     def give(self, item):
-        if self._own.get(id(item)) is item:
+        # An id stays unique while its object lives, and ours live as
+        # long as they are in `_own`.
+        if id(item) in self._own_ids:
             self._free.append(item)
 
     def discard(self, item):
         """Forget `item` (not to be lent again); a new one replaces it."""
         with self._lock:
-            if self._own.get(id(item)) is item:
-                del self._own[id(item)]
+            self._set_own(tuple(own for own in self._own
+                                if own is not item))
+
+    def _set_own(self, own):
+        """Replace what the pool owns (`_lock` held)."""
+        self._own_ids = tuple(map(id, own))
+        self._own = own
 
 
 class BufferPool(Pool):
