@@ -55,6 +55,7 @@ def _clients(connection, address, oids, count):
     clients = [RawClient(address) for _ in range(count)]
     connection.send("ready")
     start_at, end_at = connection.recv()
+    cpu_at_start = time.process_time()
 
     def load(index):
         client = clients[index]
@@ -70,12 +71,14 @@ def _clients(connection, address, oids, count):
 
     with concurrent.futures.ThreadPoolExecutor(
             count, thread_name_prefix="bench-client") as pool:
-        connection.send(sum(pool.map(load, range(count))))
+        loads = sum(pool.map(load, range(count)))
+    connection.send((loads, time.process_time() - cpu_at_start))
 
 
 def measure(interpreter, impl, clients, template, scratch, duration):
-    """`(loads per second, server CPU microseconds per load)` of one
-    server process serving `clients` busy clients."""
+    """`(loads per second, server CPU microseconds per load, client CPU
+    microseconds per load)` of one server process serving `clients` busy
+    clients."""
     _label, python, environment = interpreter
     directory = tempfile.mkdtemp(prefix="busy-", dir=scratch)
     template.copy_to(directory)
@@ -109,13 +112,16 @@ def measure(interpreter, impl, clients, template, scratch, duration):
         meter.start()
         time.sleep(duration)
         meter.stop()
-        loads = sum(connection.recv() for _process, connection in processes)
+        counted = [connection.recv() for _process, connection in processes]
+        loads = sum(loads for loads, _cpu in counted)
+        client_seconds = sum(cpu for _loads, cpu in counted)
     finally:
         for process, _connection in processes:
             process.join(30)
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    return loads / duration, meter.seconds / max(loads, 1) * 1e6
+    return (loads / duration, meter.seconds / max(loads, 1) * 1e6,
+            client_seconds / max(loads, 1) * 1e6)
 
 
 def measure_all(options, scratch):
@@ -157,12 +163,40 @@ def print_report(results):
                         "%.0f" % statistics.median(f[1] for f in figures)]
         rows.append(tuple(row))
     print("\n".join(render_table(columns, rows)))
+    print()
+    _print_ceilings(results, labels)
     if "free-threaded" in labels:
         print()
         print("free-threaded / GIL throughput: " + "; ".join(
             "%s %s" % (_side_name(side), ", ".join(
                 "%d: %.2f" % (clients, _ratio(results, side, clients))
                 for clients in CLIENT_COUNTS)) for side in SIDES))
+
+
+def _print_ceilings(results, labels):
+    """What the CPUs allow: the clients share them with the server here,
+    so no cell can pass CPUs / (server + client CPU per load)."""
+    cpus = len(os.sched_getaffinity(0))
+    print("The CPU ceiling: %d CPUs / (server + client CPU per load), "
+          "and the share of it reached (medians)" % cpus)
+    columns = ("clients",) + tuple(
+        "%s %s %s" % (_side_name(side), label, what)
+        for label in labels for side in SIDES
+        for what in ("client us", "ceiling/s", "reached"))
+    rows = []
+    for clients in CLIENT_COUNTS:
+        row = [str(clients)]
+        for label in labels:
+            for side in SIDES:
+                figures = results[label, side, clients]
+                rate, server_us, client_us = (
+                    statistics.median(f[index] for f in figures)
+                    for index in range(3))
+                ceiling = cpus * 1e6 / max(server_us + client_us, 1e-9)
+                row += ["%.0f" % client_us, "%.0f" % ceiling,
+                        "%.2f" % (rate / ceiling)]
+        rows.append(tuple(row))
+    print("\n".join(render_table(columns, rows)))
 
 
 def _ratio(results, side, clients):
