@@ -48,11 +48,16 @@ AFTER_REGISTER = frozenset("""
 """.split())
 
 #: Calls whose reply reflects the storage's current state.  They run and
-#: queue their reply under the storage's publication lock (PROTOCOL.md 9).
+#: queue their reply under the storage's publication lock (PROTOCOL.md 9),
+#: held shared (`ServedStorage.read_lock`) but for `EXCLUSIVE_READS`.
 PUBLISHED_READS = frozenset("""
     register loadBefore getTid lastTransaction history record_iternext
     getInvalidations
 """.split())
+#: Published reads that change what the server publishes to whom (a
+#: session joins) or read what only the exclusive side guards (the
+#: invalidation queue): they hold the publication lock exclusively.
+EXCLUSIVE_READS = frozenset(["register", "getInvalidations"])
 
 
 class Session(BlobCalls, CommitCalls):
@@ -139,7 +144,8 @@ class Session(BlobCalls, CommitCalls):
             raise ReadOnlyError()
         self.read_only = self.read_only or bool(read_only)
         self.served = served
-        self.calls = _registered_calls(type(self), served.publication)
+        self.calls = _registered_calls(type(self), served.publication,
+                                       served.read_lock)
         self.log("registered on storage %r%s", storage_name,
                  " (read-only)" if self.read_only else "")
         return served.join(self)
@@ -442,12 +448,15 @@ def _raised_by_the_call(error):
 
 
 @functools.lru_cache(maxsize=64)
-def _registered_calls(session_class, publication):
+def _registered_calls(session_class, publication, read_lock):
     """The `Session.calls` table of the sessions of one storage (the one
-    whose publication lock is `publication`): every session of that
-    storage shares it."""
-    return {name: (getattr(session_class, name),
-                   publication if name in PUBLISHED_READS else None)
+    whose publication lock is `publication`, taken by reads as
+    `read_lock`): every session of that storage shares it."""
+    def lock(name):
+        if name in EXCLUSIVE_READS:
+            return publication
+        return read_lock if name in PUBLISHED_READS else None
+    return {name: (getattr(session_class, name), lock(name))
             for name in AFTER_REGISTER}
 
 

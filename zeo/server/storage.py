@@ -26,6 +26,7 @@ from ZODB.POSException import ConflictError, StorageError
 
 from zeo.server import blobs, conflict_globals, fanout, mvcc
 from zeo.server.failed_writes import FailedWrite
+from zeo.server.publication import PublicationLock
 from zeo.server.timing import TimeHistogram
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class ServedStorage:
         self.commit_lock = CommitLock()
         #: Held while a pack runs: one pack per storage at a time.
         self.packing = threading.Lock()
-        self.publication = threading.RLock()
+        self.publication = PublicationLock()
         #: An IMVCCStorage (RelStorage): one instance, its view moved by
         #: polls (see zeo/server/mvcc.py).
         self.mvcc = mvcc.is_mvcc(storage)
@@ -184,6 +185,12 @@ class ServedStorage:
             self.access = threading.RLock()
         else:
             self.access = contextlib.nullcontext()
+        #: What a published read holds while it reads and queues its reply
+        #: (`zeo.server.publication`): the lock shared, so reads run in
+        #: parallel, or exclusively for an IMVCCStorage, whose reads hold
+        #: `access` (the same lock) and move its one view.
+        self.read_lock = (self.publication if self.mvcc
+                          else self.publication.shared)
         self.sessions = []
         #: Commits published to the sessions, and the thread sending them.
         self._published = fanout.InvalidationLog()
