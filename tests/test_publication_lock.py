@@ -8,7 +8,8 @@ from ZODB.utils import maxtid, p64, z64
 
 from raw_client import RawClient
 from test_ordering import begin_and_store, commit, session_labelled
-from zeo.server.publication import PublicationLock
+from zeo.server.free_threading import gil_enabled
+from zeo.server.publication import PublicationLock, new_lock, read_side
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,6 +104,15 @@ def test_a_writer_that_fails_while_waiting_leaves_no_trace():
         pass
 
 
+def test_the_server_takes_the_shared_side_only_without_the_gil():
+    lock = new_lock()
+    if gil_enabled():
+        assert read_side(lock) is lock
+        assert type(lock) is type(threading.RLock())
+    else:
+        assert read_side(lock) is lock.shared
+
+
 @pytest.fixture
 def server(make_server):
     return make_server()
@@ -115,6 +125,8 @@ def connect(server):
     return client
 
 
+@pytest.mark.skipif(gil_enabled(), reason="with the GIL, reads hold the "
+                    "plain lock whole (zeo.server.publication.new_lock)")
 def test_loads_of_two_clients_run_at_once_and_a_commit_waits_for_both(
         server):
     """One client's load is held between its read and its reply: another

@@ -24,9 +24,8 @@ import ZODB.MappingStorage
 import ZODB.utils
 from ZODB.POSException import ConflictError, StorageError
 
-from zeo.server import blobs, conflict_globals, fanout, mvcc
+from zeo.server import blobs, conflict_globals, fanout, mvcc, publication
 from zeo.server.failed_writes import FailedWrite
-from zeo.server.publication import PublicationLock
 from zeo.server.timing import TimeHistogram
 
 logger = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ class ServedStorage:
         self.commit_lock = CommitLock()
         #: Held while a pack runs: one pack per storage at a time.
         self.packing = threading.Lock()
-        self.publication = PublicationLock()
+        self.publication = publication.new_lock()
         #: An IMVCCStorage (RelStorage): one instance, its view moved by
         #: polls (see zeo/server/mvcc.py).
         self.mvcc = mvcc.is_mvcc(storage)
@@ -186,11 +185,12 @@ class ServedStorage:
         else:
             self.access = contextlib.nullcontext()
         #: What a published read holds while it reads and queues its reply
-        #: (`zeo.server.publication`): the lock shared, so reads run in
-        #: parallel, or exclusively for an IMVCCStorage, whose reads hold
-        #: `access` (the same lock) and move its one view.
+        #: (`zeo.server.publication`): the lock shared where it has a
+        #: shared side (GIL off), so reads run in parallel, or exclusively
+        #: for an IMVCCStorage, whose reads hold `access` (the same lock)
+        #: and move its one view.
         self.read_lock = (self.publication if self.mvcc
-                          else self.publication.shared)
+                          else publication.read_side(self.publication))
         self.sessions = []
         #: Commits published to the sessions, and the thread sending them.
         self._published = fanout.InvalidationLog()
