@@ -308,3 +308,27 @@ def test_our_uploads_are_adopted_even_after_the_cache_was_emptied_by_hand(
     assert not [record for record in caplog.records
                 if record.getMessage().startswith("downloaded blob")]
     connection.close()
+
+
+def test_a_blob_whose_directory_was_removed_by_hand_is_downloaded_again(
+        blob_server, storages, tmp_path, caplog):
+    """The cache remembers which directories it made; one removed by hand
+    since is made again for the next download, not reported missing."""
+    data = os.urandom(5000)
+    [(oid, tid)] = commit_blobs(
+        storages(blob_server, blob_dir=str(tmp_path / "w")), [data])
+    cache = tmp_path / "cache"
+    storage = storages(blob_server, blob_dir=str(cache))
+    caplog.set_level("DEBUG", logger="zeo.client.blob_cache")
+    for _round in range(2):
+        path = storage.loadBlob(oid, tid)
+        with open(path, "rb") as file:
+            assert file.read() == data
+        directory = os.path.dirname(path)
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o600)
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+    downloads = [record for record in caplog.records
+                 if record.getMessage().startswith("downloaded blob")]
+    assert len(downloads) == 2

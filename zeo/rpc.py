@@ -123,6 +123,21 @@ class Outbox:
             self._overflowed()
         return kept
 
+    def put_parts(self, parts, wake_writer=True):
+        """Queue one frame given as several buffers (see
+        `zeo.bulk_frames`), together: nothing queued by another thread
+        lands between them.  Returns False if it was dropped."""
+        with self._lock:
+            if self._closing:
+                return False
+            kept = self._take_feed() and self._append_parts(
+                parts, sum(map(len, parts)))
+            if kept and wake_writer and not self._draining:
+                self._start_writer()
+        if not kept:
+            self._overflowed()
+        return kept
+
     def _take_feed(self):
         """Queue what the feed holds (lock held, not closing).  Returns
         False if that passed the limit and closed the outbox."""
@@ -134,18 +149,23 @@ class Outbox:
         return True
 
     def _append(self, data):
-        """Queue one frame, or close the outbox if it would pass the
-        limit (lock held, not closing).  Returns False if it closed: the
-        caller then calls `_overflowed` once the lock is released."""
-        if self._pending and self._pending + len(data) > self._limit:
+        """Queue one frame (see `_append_parts`)."""
+        return self._append_parts((data,), len(data))
+
+    def _append_parts(self, parts, size):
+        """Queue one frame made of the buffers `parts` (`size` bytes in
+        all), or close the outbox if it would pass the limit (lock held,
+        not closing).  Returns False if it closed: the caller then calls
+        `_overflowed` once the lock is released."""
+        if self._pending and self._pending + size > self._limit:
             self._closing = True
             self._frames.clear()
             self._pending = 0
             self._room.notify_all()
             return False
-        self._frames.append(data)
-        self._pending += len(data)
-        self.queued_bytes += len(data)
+        self._frames.extend(parts)
+        self._pending += size
+        self.queued_bytes += size
         return True
 
     def _overflowed(self):

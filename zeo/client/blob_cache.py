@@ -228,8 +228,16 @@ class BlobCache:
 
     def _locked(self, path):
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        return contextlib.closing(lock_directory(directory))
+        if directory not in self._directories:
+            os.makedirs(directory, exist_ok=True)
+            self._directories.add(directory)
+        try:
+            lock = lock_directory(directory)
+        except FileNotFoundError:  # the directory was removed by hand
+            self._directories.discard(directory)
+            os.makedirs(directory, exist_ok=True)
+            lock = lock_directory(directory)
+        return contextlib.closing(lock)
 
     def _rename_into_directory(self, filename, path):
         """`os.replace`, making the target's directory when it is not

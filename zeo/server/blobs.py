@@ -329,9 +329,8 @@ class Downloads:
                     size += len(chunk)
                     queued = ((not wait
                                or channel.wait_for_room(DOWNLOAD_WINDOW))
-                              and channel.push("receiveBlobChunk",
-                                               (oid, serial, chunk),
-                                               wake_writer=False))
+                              and channel.push_ending_with(
+                                  "receiveBlobChunk", (oid, serial), chunk))
                     channel.flush()
                 if not queued:
                     return

@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 
-from zeo import wire
+from zeo import bulk_frames, wire
 from zeo.buffers import BufferPool
 from zeo.rpc import Outbox
 from zeo.server import errors
@@ -110,6 +110,14 @@ class ServerConnection:
         """
         return self.outbox.put(self._encode_oneway(method, args),
                                wake_writer)
+
+    def push_ending_with(self, method, leading_args, data):
+        """Queue a one-way call whose last argument, `data` (a blob
+        chunk), goes to the socket without being copied; the caller
+        flushes.  Returns False if the connection is closing."""
+        return self.outbox.put_parts(bulk_frames.frame_parts_ending_with(
+            self.codec, 0, wire.ONEWAY, method, leading_args, data),
+            wake_writer=False)
 
     def follow(self, log, owner):
         """Have the outbox take `log`'s invalidations (None: stop)."""
