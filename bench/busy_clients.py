@@ -149,22 +149,23 @@ def print_report(results):
           "CPU per load (us), medians")
     labels = sorted({label for label, _side, _clients in results},
                     key=["GIL", "free-threaded"].index)
-    columns = ("clients",) + tuple(
-        "%s %s %s" % (_side_name(side), label, what)
-        for label in labels for side in SIDES
-        for what in ("loads/s", "us"))
-    rows = []
-    for clients in CLIENT_COUNTS:
-        row = [str(clients)]
-        for label in labels:
-            for side in SIDES:
-                figures = results[label, side, clients]
-                row += ["%.0f" % statistics.median(f[0] for f in figures),
-                        "%.0f" % statistics.median(f[1] for f in figures)]
-        rows.append(tuple(row))
-    print("\n".join(render_table(columns, rows)))
+    _print_table(results, labels, ("loads/s", "us"),
+                 lambda rate, server_us, _client_us: [
+                     "%.0f" % rate, "%.0f" % server_us])
     print()
-    _print_ceilings(results, labels)
+    cpus = len(os.sched_getaffinity(0))
+    print("The CPU ceiling: %d CPUs / (server + client CPU per load), "
+          "and the share of it reached (medians)" % cpus)
+    print("(the clients share the CPUs with the server here, so no cell "
+          "can pass it)")
+
+    def ceiling_cells(rate, server_us, client_us):
+        ceiling = cpus * 1e6 / max(server_us + client_us, 1e-9)
+        return ["%.0f" % client_us, "%.0f" % ceiling,
+                "%.2f" % (rate / ceiling)]
+
+    _print_table(results, labels, ("client us", "ceiling/s", "reached"),
+                 ceiling_cells)
     if "free-threaded" in labels:
         print()
         print("free-threaded / GIL throughput: " + "; ".join(
@@ -173,28 +174,21 @@ def print_report(results):
                 for clients in CLIENT_COUNTS)) for side in SIDES))
 
 
-def _print_ceilings(results, labels):
-    """What the CPUs allow: the clients share them with the server here,
-    so no cell can pass CPUs / (server + client CPU per load)."""
-    cpus = len(os.sched_getaffinity(0))
-    print("The CPU ceiling: %d CPUs / (server + client CPU per load), "
-          "and the share of it reached (medians)" % cpus)
+def _print_table(results, labels, headings, cells):
+    """One row per client count; for each interpreter and server, the
+    columns `headings`, filled by `cells(loads/s, server CPU us, client
+    CPU us)` with the medians of the passes."""
     columns = ("clients",) + tuple(
-        "%s %s %s" % (_side_name(side), label, what)
-        for label in labels for side in SIDES
-        for what in ("client us", "ceiling/s", "reached"))
+        "%s %s %s" % (_side_name(side), label, heading)
+        for label in labels for side in SIDES for heading in headings)
     rows = []
     for clients in CLIENT_COUNTS:
         row = [str(clients)]
         for label in labels:
             for side in SIDES:
                 figures = results[label, side, clients]
-                rate, server_us, client_us = (
-                    statistics.median(f[index] for f in figures)
-                    for index in range(3))
-                ceiling = cpus * 1e6 / max(server_us + client_us, 1e-9)
-                row += ["%.0f" % client_us, "%.0f" % ceiling,
-                        "%.2f" % (rate / ceiling)]
+                row += cells(*(statistics.median(f[index] for f in figures)
+                               for index in range(3)))
         rows.append(tuple(row))
     print("\n".join(render_table(columns, rows)))
 
