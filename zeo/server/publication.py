@@ -23,7 +23,7 @@ exclusively: it would wait for itself.
 With the GIL, only one thread runs Python at a time, and this lock,
 written in Python, costs more than it gains: its own mutex is taken
 twice per read, and a thread switched out while holding it puts the
-others to sleep (16 and 64 busy clients: 15-20% more server CPU per
+others to sleep (4 and 64 busy clients: 15-20% more server CPU per
 load, measured).  There `new_lock` gives the plain reentrant lock, which
 reads hold as a whole, as before.
 """
@@ -71,8 +71,11 @@ class PublicationLock:
             try:
                 while self._writer is not None or self._readers:
                     self._changed.wait()
-            finally:
+            except BaseException:  # interrupted: readers may go on
                 self._writers_waiting -= 1
+                self._changed.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = me
             self._depth = 1
         return self
