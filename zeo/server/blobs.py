@@ -331,7 +331,8 @@ class Downloads:
                                or channel.wait_for_room(DOWNLOAD_WINDOW))
                               and channel.push_ending_with(
                                   "receiveBlobChunk", (oid, serial), chunk))
-                    channel.flush()
+                    if wait:  # a small blob leaves with its reply, at once
+                        channel.flush()
                 if not queued:
                     return
                 channel.push("receiveBlobStop", (oid, serial),
