@@ -68,17 +68,7 @@ def test_load_read_before_a_commit_is_sent_before_its_invalidation(server):
     writer = connect(server)
     first = commit(writer, 1, [(ROOT, z64, 1)])
     reader = connect(server)
-
-    read_done = threading.Event()
-    may_reply = threading.Event()
-
-    def pause_reader_load(session, oid):
-        if session.channel.label.startswith("paused"):
-            read_done.set()
-            assert may_reply.wait(10)
-
-    server.storages["1"].after_load_read = pause_reader_load
-    reader.call("set_client_label", "paused")  # label is per connection
+    read_done, may_reply = hold_loads_of(server, reader, "paused")
     load_id = (ROOT, maxtid)
     reader.send_message(load_id, False, "loadBefore", (ROOT, maxtid))
     assert read_done.wait(10)
@@ -173,6 +163,23 @@ def session_labelled(server, client, label):
     sessions = server.storages["1"].sessions
     return next(session for session in sessions
                 if session.channel.label.startswith(label))
+
+
+def hold_loads_of(server, client, label):
+    """Hold each load of `client` (labelled `label` here) between its
+    storage read and its reply until released; returns the events
+    (read, release)."""
+    read = threading.Event()
+    release = threading.Event()
+    session_labelled(server, client, label)
+
+    def hold(session, oid):
+        if session.channel.label.startswith(label):
+            read.set()
+            assert release.wait(10)
+
+    server.storages["1"].after_load_read = hold
+    return read, release
 
 
 def pause_fanout_at(session):

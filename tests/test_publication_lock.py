@@ -6,8 +6,7 @@ import threading
 import pytest
 from ZODB.utils import maxtid, p64, z64
 
-from raw_client import RawClient
-from test_ordering import begin_and_store, commit, session_labelled
+from test_ordering import begin_and_store, commit, connect, hold_loads_of
 from zeo.server.free_threading import gil_enabled
 from zeo.server.publication import PublicationLock, new_lock, read_side
 
@@ -118,13 +117,6 @@ def server(make_server):
     return make_server()
 
 
-def connect(server):
-    client = RawClient(server.address)
-    client.handshake()
-    client.register()
-    return client
-
-
 @pytest.mark.skipif(gil_enabled(), reason="with the GIL, reads hold the "
                     "plain lock whole (zeo.server.publication.new_lock)")
 def test_loads_of_two_clients_run_at_once_and_a_commit_waits_for_both(
@@ -135,16 +127,7 @@ def test_loads_of_two_clients_run_at_once_and_a_commit_waits_for_both(
     writer = connect(server)
     first = commit(writer, 1, [(z64, z64, 1)])
     held, other = connect(server), connect(server)
-    session_labelled(server, held, "held")
-    reading = threading.Event()
-    may_reply = threading.Event()
-
-    def hold_load(session, oid):
-        if session.channel.label.startswith("held"):
-            reading.set()
-            assert may_reply.wait(WAIT)
-
-    server.storages["1"].after_load_read = hold_load
+    reading, may_reply = hold_loads_of(server, held, "held")
     held.send_message(1, False, "loadBefore", (z64, maxtid))
     assert reading.wait(WAIT)
     _data, start, _end = other.call("loadBefore", z64, maxtid)

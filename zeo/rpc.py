@@ -113,25 +113,21 @@ class Outbox:
         lock) passes `wake_writer=False`: a writer for bytes that are
         about to leave anyway would cost a thread start per reply.
         """
-        with self._lock:
-            if self._closing:
-                return False
-            kept = self._take_feed() and self._append(data)
-            if kept and wake_writer and not self._draining:
-                self._start_writer()
-        if not kept:
-            self._overflowed()
-        return kept
+        return self._put((data,), len(data), wake_writer)
 
     def put_parts(self, parts, wake_writer=True):
         """Queue one frame given as several buffers (see
         `zeo.bulk_frames`), together: nothing queued by another thread
         lands between them.  Returns False if it was dropped."""
+        return self._put(parts, sum(map(len, parts)), wake_writer)
+
+    def _put(self, parts, size, wake_writer):
+        """`put` and `put_parts`: queue the frame made of the buffers
+        `parts` (`size` bytes in all)."""
         with self._lock:
             if self._closing:
                 return False
-            kept = self._take_feed() and self._append_parts(
-                parts, sum(map(len, parts)))
+            kept = self._take_feed() and self._append_parts(parts, size)
             if kept and wake_writer and not self._draining:
                 self._start_writer()
         if not kept:
@@ -144,13 +140,9 @@ class Outbox:
         if self._feed is None:
             return True
         for data in self._feed.take():
-            if not self._append(data):
+            if not self._append_parts((data,), len(data)):
                 return False
         return True
-
-    def _append(self, data):
-        """Queue one frame (see `_append_parts`)."""
-        return self._append_parts((data,), len(data))
 
     def _append_parts(self, parts, size):
         """Queue one frame made of the buffers `parts` (`size` bytes in

@@ -205,7 +205,8 @@ class BlobCache:
         path = self.path(oid, tid)
         size = os.stat(filename).st_size
         try:
-            self._rename_into_directory(filename, path)
+            self._in_directory(os.path.dirname(path),
+                               lambda: os.replace(filename, path))
         except OSError as error:
             if error.errno != errno.EXDEV:
                 raise
@@ -228,30 +229,20 @@ class BlobCache:
 
     def _locked(self, path):
         directory = os.path.dirname(path)
-        if directory not in self._directories:
-            os.makedirs(directory, exist_ok=True)
-            self._directories.add(directory)
-        try:
-            lock = lock_directory(directory)
-        except FileNotFoundError:  # the directory was removed by hand
-            self._directories.discard(directory)
-            os.makedirs(directory, exist_ok=True)
-            lock = lock_directory(directory)
-        return contextlib.closing(lock)
+        return contextlib.closing(self._in_directory(
+            directory, lambda: lock_directory(directory)))
 
-    def _rename_into_directory(self, filename, path):
-        """`os.replace`, making the target's directory when it is not
-        known to exist (or was removed by hand since)."""
-        directory = os.path.dirname(path)
+    def _in_directory(self, directory, action):
+        """`action()`, which needs `directory`: made first unless known
+        to exist, and made again if it was removed by hand since."""
         if directory in self._directories:
             try:
-                os.replace(filename, path)
-                return
+                return action()
             except FileNotFoundError:
                 self._directories.discard(directory)
         os.makedirs(directory, exist_ok=True)
         self._directories.add(directory)
-        os.replace(filename, path)
+        return action()
 
     def _download(self, oid, tid, path, fetch):
         """Fetch blob `(oid, tid)` into `path` (its directory locked)."""
