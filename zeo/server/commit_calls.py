@@ -169,13 +169,13 @@ class CommitCalls:
                 outcome = Reply(error=error)
             txn.times.mark("finished")
             # The lock is released only once the reply is queued (the
-            # connection runs `after` then): a commit that took it sooner
+            # connection runs `release` then): a commit that took it sooner
             # could publish its invalidation first, and an outbox queues
             # what its feed holds before anything put after it, so the
             # client would see a newer tid than its own commit's before
             # that commit's reply (PROTOCOL.md 9).  (The invalidations
             # are the fan-out thread's to send.)
-            outcome.after = functools.partial(
+            outcome.release = functools.partial(
                 self._release_commit_lock, txn,
                 "committed" if outcome.error is None else "failed")
         if outcome.error is None:

@@ -329,9 +329,12 @@ class ServerConnection:
         if isinstance(result, Reply):
             if not oneway:
                 self._queue_reply(msgid, result)
-            if result.after is not None:
+            granted = result.after
+            if result.release is not None:
+                granted = result.release()
+            if granted is not None:
                 self.outbox.send_pending()  # our reply before the next vote's
-                run_handoffs(result.after)
+                run_handoffs(granted)
             if oneway and result.error is not None:
                 return self._fail(msgid, oneway, name, result.error)
         elif not oneway and result is not DEFERRED:

@@ -11,17 +11,19 @@ and then runs the hand-offs, outside every lock.
 class Reply:
     """A call's outcome: a value or an error, and what to run once sent.
 
-    `after` is a commit-lock hand-off (see CommitLock.release), or for a
-    commit the release of the lock, which returns the hand-off:
-    `run_handoffs` runs it after the reply is queued, outside every lock.
+    `after` is a commit-lock hand-off (see CommitLock.release):
+    `run_handoffs` runs it after the reply is sent, outside every lock.
+    `release`, for a commit, releases the commit lock once the reply is
+    queued, before it is sent, and returns the hand-off.
     """
 
-    __slots__ = ("value", "error", "after")
+    __slots__ = ("value", "error", "after", "release")
 
     def __init__(self, value=None, error=None, after=None):
         self.value = value
         self.error = error
         self.after = after
+        self.release = None
 
 
 #: Returned by a call that will reply later (a parked vote, a pack).
