@@ -53,9 +53,10 @@ class Outbox:
     socket at that moment, so frames never interleave and leave in `put`
     order.
 
-    When the unsent bytes exceed `limit`, `put` closes the outbox, shuts the
-    socket down (so the connection's reader notices and cleans up) and calls
-    `on_overflow`.  One message larger than the limit is still accepted when
+    When the unsent bytes exceed `limit` while the peer is behind (the
+    last send could not take everything), `put` closes the outbox, shuts
+    the socket down (so the connection's reader notices and cleans up)
+    and calls `on_overflow`.  One message larger than the limit is still accepted when
     nothing else is pending, so a big object can always be loaded.
     """
 
@@ -82,6 +83,10 @@ class Outbox:
         #: handed to the kernel.
         self._in_flight = 0
         self._draining = False
+        #: Whether the last send could not take everything queued: the
+        #: peer is behind, and only then does the limit apply (see
+        #: `_append_parts`).  Cleared when the queue empties.
+        self._blocked = False
         self._closing = False
         #: The writer thread while one runs (it alone clears this).
         self._writer = None
@@ -139,26 +144,49 @@ class Outbox:
         False if that passed the limit and closed the outbox."""
         if self._feed is None:
             return True
-        for data in self._feed.take():
-            if not self._append_parts((data,), len(data)):
-                return False
-        return True
+        frames = self._feed.take()
+        return not frames or self._append_parts(frames, sum(map(len, frames)))
 
     def _append_parts(self, parts, size):
         """Queue one frame made of the buffers `parts` (`size` bytes in
         all), or close the outbox if it would pass the limit (lock held,
         not closing).  Returns False if it closed: the caller then calls
-        `_overflowed` once the lock is released."""
-        if self._pending and self._pending + size > self._limit:
-            self._closing = True
-            self._frames.clear()
-            self._pending = 0
-            self._room.notify_all()
+        `_overflowed` once the lock is released.
+
+        The limit is for bytes a peer leaves unread, so it applies only
+        while the last send was blocked (`_blocked`): a backlog of
+        invalidations that the fan-out thread, starved of CPU, takes at
+        once for an idle client is not the client's doing.  While nothing
+        is blocked, whoever queues sends (or starts the writer) right
+        after, and a send that blocks judges the queue (`_judge_blocked`).
+        """
+        if (self._blocked and self._pending
+                and self._pending + size > self._limit):
+            self._close_over_limit()
             return False
         self._frames.extend(parts)
         self._pending += size
         self.queued_bytes += size
         return True
+
+    def _judge_blocked(self):
+        """A send could not take everything (lock held): from now on the
+        limit applies, and the queue is judged at once, the frame at its
+        head aside (one message over the limit may always leave).
+        Returns False if it closed the outbox (see `_append_parts`)."""
+        self._blocked = True
+        head = len(self._frames[0]) if self._frames else 0
+        if self._pending - head > self._limit:
+            self._close_over_limit()
+            return False
+        return True
+
+    def _close_over_limit(self):
+        """Drop what is queued and stop accepting frames (lock held)."""
+        self._closing = True
+        self._frames.clear()
+        self._pending = 0
+        self._room.notify_all()
 
     def _overflowed(self):
         """The limit closed the outbox: shut the socket down (so the
@@ -227,25 +255,36 @@ class Outbox:
             return
         while True:
             try:
-                sent = self._sock.sendmsg(batch, (), _NONBLOCKING)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+                sent = self._send_now(batch)
             except OSError:
                 sent = size  # the reader sees the broken socket and cleans up
             with lock:
                 self._sent()
                 if sent < size or not self._frames:
-                    if sent < size:
+                    self._draining = False
+                    if sent == size:
+                        self._blocked = False
+                    else:
                         self._frames.extendleft(
                             reversed(_unsent(batch, sent)))
                         self._pending += size - sent
-                    self._draining = False
+                        overflowed = not self._judge_blocked()
                     if self._frames:
                         self._start_writer()  # the writer's turn
                     elif self._closing:
                         self._idle.notify_all()
-                    return
+                    break
                 batch, size = self._take_batch()
+        if overflowed:
+            self._overflowed()
+
+    def _send_now(self, batch):
+        """Send what the socket takes of `batch` without waiting; returns
+        the bytes sent."""
+        try:
+            return self._sock.sendmsg(batch, (), _NONBLOCKING)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def _start_writer(self):
         """Start a writer for the queued frames unless one runs (lock
@@ -307,12 +346,20 @@ class Outbox:
                 if self._draining or not self._frames:
                     # A sender drains (and leaves the rest to us), or all
                     # is sent: end; a later blocked send starts a writer.
+                    if not self._frames:
+                        self._blocked = False
                     self._writer = None
                     self._idle.notify_all()
                     return
                 self._draining = True
                 batch, _size = self._take_batch()
             try:
+                batch = _unsent(batch, self._send_now(batch))
+                if batch:
+                    with lock:
+                        kept = self._judge_blocked()
+                    if not kept:
+                        self._overflowed()  # the send below then fails
                 while batch:
                     batch = _unsent(batch, self._sock.sendmsg(batch))
             except OSError:
