@@ -24,3 +24,52 @@ def test_the_parts_decode_as_the_whole_message(codec, size):
     assert (message.msgid, message.flag, message.name) == (
         0, wire.ONEWAY, "receiveBlobChunk")
     assert tuple(message.args) == (OID, SERIAL, data)
+
+
+def test_a_file_region_follows_its_frame_head_on_a_plain_socket(tmp_path):
+    """An upload chunk goes from the file to the socket (os.sendfile):
+    the bytes between the head and the tail are the file's, from the
+    offset given, and the frame decodes as the whole message."""
+    import socket
+
+    from zeo.bulk_frames import frame_around
+    from zeo.rpc import send_file_region
+
+    content = bytes(index * 13 % 251 for index in range(200000))
+    path = tmp_path / "blob"
+    path.write_bytes(content)
+    codec = wire.PickleCodec()
+    ours, theirs = socket.socketpair()
+    size = 59000
+    head, tail = frame_around(codec, 0, wire.ONEWAY, "storeBlobChunk", (),
+                              size)
+    with open(path, "rb") as source:
+        send_file_region(ours, [b"", head], source.fileno(), 70000, size)
+    ours.sendall(tail)
+    ours.close()
+    received = b""
+    while True:
+        data = theirs.recv(1 << 16)
+        if not data:
+            break
+        received += data
+    theirs.close()
+    [payload] = wire.FrameReader().feed(received)
+    message = codec.decode(payload)
+    assert message.name == "storeBlobChunk"
+    assert message.args[0] == content[70000:70000 + size]
+
+
+def test_a_file_shorter_than_its_region_is_an_error(tmp_path):
+    import socket
+
+    from zeo.rpc import send_file_region
+
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 1000)
+    ours, theirs = socket.socketpair()
+    with open(path, "rb") as source:
+        with pytest.raises(OSError, match="ended 500 bytes early"):
+            send_file_region(ours, [b"head"], source.fileno(), 500, 1000)
+    ours.close()
+    theirs.close()

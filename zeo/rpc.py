@@ -413,6 +413,35 @@ def send_buffers(sock, buffers):
         buffers = _unsent(batch, sock.sendmsg(batch)) + buffers[_IOV_MAX:]
 
 
+def send_file_region(sock, buffers, descriptor, offset, size):
+    """Send `buffers`, then `size` bytes of the file `descriptor` from
+    `offset`, on the blocking `sock`.
+
+    A plain socket takes the file's bytes by `os.sendfile`, copied once,
+    by the kernel; any other (a `zeo.tls_socket.TLSSocket`, which must
+    encrypt them) gets them read and sent with `buffers`.  OSError if
+    the file ends first.
+    """
+    if type(sock) is not socket.socket:
+        data = os.pread(descriptor, size, offset)
+        if len(data) < size:
+            raise _ended_early(size - len(data))
+        send_buffers(sock, buffers + [data])
+        return
+    send_buffers(sock, buffers)
+    out = sock.fileno()
+    while size:
+        sent = os.sendfile(out, descriptor, offset, size)
+        if not sent:
+            raise _ended_early(size)
+        offset += sent
+        size -= sent
+
+
+def _ended_early(missing):
+    return OSError("the file being sent ended %d bytes early" % missing)
+
+
 def _unsent(batch, sent):
     """The part of `batch` that a send of `sent` bytes left behind."""
     for index, frame in enumerate(batch):

@@ -148,16 +148,16 @@ class CachedBlobs(_Blobs):
         return self.cache.open(oid, serial, fetch, _opener(blob))
 
     def upload(self, connection, oid, serial, data, path, txn_id):
-        """Stream the file to the server, one chunk at a time: the
-        connection sends its one-way calls out as they add up, waiting
-        while the socket is full, so memory holds a few chunks at most."""
+        """Stream the file to the server, one chunk at a time, each sent
+        as it is read (from the file to the socket by the kernel, on a
+        plain socket): memory holds none of it."""
         connection.oneway("storeBlobStart")
         with open(path, "rb") as source:
-            while True:
-                chunk = source.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                connection.oneway("storeBlobChunk", chunk)
+            size = os.fstat(source.fileno()).st_size
+            for offset in range(0, size, CHUNK_SIZE):
+                connection.oneway_from_file(
+                    "storeBlobChunk", source, offset,
+                    min(CHUNK_SIZE, size - offset))
         connection.oneway("storeBlobEnd", oid, serial, data, txn_id)
 
     def _committed(self, oid, tid, path):

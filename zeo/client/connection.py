@@ -51,10 +51,11 @@ import socket
 import threading
 import time
 
-from zeo import wire
-from zeo.Exceptions import ClientDisconnected, ProtocolError
-from zeo.rpc import send_buffers
+from zeo import bulk_frames, wire
+from zeo.Exceptions import ClientDisconnected
+from zeo.rpc import send_buffers, send_file_region
 from zeo.client.errors import rebuild_exception
+from zeo.client.opening import connect_socket, handshake
 
 logger = logging.getLogger(__name__)
 
@@ -117,56 +118,6 @@ class Waiter:
         if self.error is not None:
             raise self.error
         return self.result
-
-
-def connect_socket(address, timeout):
-    """A connected socket for `(host, port)` or a Unix socket path."""
-    if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(address)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    sock = socket.create_connection(address, timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def handshake(sock, timeout):
-    """Read the server's greeting and answer it.
-
-    Returns the codec and the `FrameReader` (which may already hold the
-    start of the next frames).  We answer with the server's encoding
-    letter and protocol version 5, as ZEO clients do (PROTOCOL.md 2.1);
-    `M5` is refused when msgpack is not installed.
-    """
-    sock.settimeout(timeout)
-    reader = wire.FrameReader()
-    payloads = []
-    while not payloads:
-        data = sock.recv(_RECV_SIZE)
-        if not data:
-            raise ProtocolError("server closed the connection before its "
-                                "greeting")
-        payloads = reader.feed(data)
-    greeting = payloads[0]
-    if len(payloads) > 1:
-        raise ProtocolError("server sent messages before the handshake")
-    letter, version = greeting[:1], greeting[1:]
-    if letter not in (b"Z", b"M") or version < b"5":
-        raise ProtocolError("unsupported server protocol %s"
-                            % wire.short_repr(bytes(greeting)))
-    answer = letter + b"5"
-    if answer == wire.MSGPACK_PROTOCOL and not wire.msgpack_available():
-        raise ProtocolError("the server speaks msgpack, which is not "
-                            "installed")
-    codec = wire.codec_for(answer, wire.CLIENT_GLOBALS)
-    sock.sendall(wire.frame(answer))
-    sock.settimeout(None)
-    return codec, reader
 
 
 class _Readiness:
@@ -332,6 +283,34 @@ class Connection:
         anything sent after it, so only the number of sends changes.
         """
         self._send(0, wire.ONEWAY, method, args, hold=True)
+
+    def oneway_from_file(self, method, source, offset, size):
+        """The one-way call `method(data)`, `data` being the `size` bytes
+        at `offset` of the open binary file `source` (a blob upload's
+        chunk): on a plain socket they go from the file to the socket
+        inside the kernel (`os.sendfile`), never through Python.
+
+        A file shorter than that ends the connection (the frame's length
+        has gone out): ClientDisconnected, as for a failed send.
+        """
+        head, tail = bulk_frames.frame_around(
+            self._codec, 0, wire.ONEWAY, method, (), size)
+        with self._send_lock:
+            if self._closed:
+                raise ClientDisconnected("not connected to %s" % self.label)
+            held = self._held_frames
+            held.append(head)
+            # The frame's last bytes wait for the next send, like a held
+            # one-way call: nothing else may come between.
+            self._held_frames = [tail] if tail else []
+            self._held_bytes = len(tail)
+            try:
+                send_file_region(self._sock, held, source.fileno(), offset,
+                                 size)
+            except OSError as error:
+                self._shutdown()
+                raise ClientDisconnected("connection to %s lost: %s"
+                                         % (self.label, error)) from None
 
     def heartbeat(self):
         """The idle heartbeat `(-1, 0, '.reply', None)` (PROTOCOL.md 3.8)."""

@@ -13,7 +13,7 @@ import socket
 import time
 
 from zeo import wire
-from zeo.client.connection import connect_socket
+from zeo.client.opening import connect_socket
 
 #: Frames a tool accepts from a server: replies here are small.
 MAX_FRAME_SIZE = 16 * 1024 * 1024

@@ -26,7 +26,9 @@ from zeo.wire import short_repr
 
 logger = logging.getLogger(__name__)
 
-#: Bytes per receiveBlobChunk message, as the ZEO client sends them too.
+#: Bytes per receiveBlobChunk message, as ZEO's server sends them.  Its
+#: client reads larger messages slowly: with 256 KB chunks it downloaded
+#: a 200 MB blob at 320 MB/s instead of 500.
 CHUNK_SIZE = 59000
 
 #: Unsent bytes a download leaves in the connection's outbox before it
