@@ -108,12 +108,16 @@ def prepare_directory(fshelper):
 
 def lock_directory(directory):
     """Take `directory`'s `.lock`, waiting as long as someone holds it;
-    the caller closes the returned lock."""
+    the caller closes the returned lock.
+
+    A `SimpleLockFile`: the same lock as ZEO's `LockFile` (a `flock` of
+    the same file), without writing our pid into the file each time,
+    which changed the file's inode for every blob downloaded."""
     path = os.path.join(directory, LOCK_NAME)
     pause = 0.001
     while True:
         try:
-            return zc.lockfile.LockFile(path)
+            return zc.lockfile.SimpleLockFile(path)
         except zc.lockfile.LockError:
             time.sleep(pause)
             pause = min(pause * 2, _MAX_LOCK_PAUSE)

@@ -166,7 +166,7 @@ def _remove(path):
     is held (the directory is in use) or the file could not be removed."""
     lock_path = os.path.join(os.path.dirname(path), LOCK_NAME)
     try:
-        lock = zc.lockfile.LockFile(lock_path)
+        lock = zc.lockfile.SimpleLockFile(lock_path)  # see lock_directory
     except zc.lockfile.LockError:
         logger.debug("skipped %s: its directory is in use", path)
         return False
