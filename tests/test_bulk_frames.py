@@ -4,7 +4,7 @@ the ordinary frame of the same message, in both encodings."""
 import pytest
 
 from zeo import wire
-from zeo.bulk_frames import frame_parts_ending_with
+from zeo.bulk_frames import frame_around
 
 CODECS = [wire.PickleCodec(), wire.MsgpackCodec()]
 OID, SERIAL = b"\0" * 7 + b"\1", b"\x03" * 8
@@ -14,10 +14,9 @@ OID, SERIAL = b"\0" * 7 + b"\1", b"\x03" * 8
 @pytest.mark.parametrize("size", [0, 1, 255, 256, 59000, 70000])
 def test_the_parts_decode_as_the_whole_message(codec, size):
     data = bytes(index * 7 % 256 for index in range(size))
-    parts = frame_parts_ending_with(codec, 0, wire.ONEWAY,
-                                    "receiveBlobChunk", (OID, SERIAL), data)
-    assert parts[1] is data  # sent as it is, not copied
-    joined = b"".join(parts)
+    head, tail = frame_around(codec, 0, wire.ONEWAY, "receiveBlobChunk",
+                              (OID, SERIAL), len(data))
+    joined = head + data + tail
     reader = wire.FrameReader()
     [payload] = reader.feed(joined)
     message = codec.decode(payload)
@@ -32,7 +31,6 @@ def test_a_file_region_follows_its_frame_head_on_a_plain_socket(tmp_path):
     offset given, and the frame decodes as the whole message."""
     import socket
 
-    from zeo.bulk_frames import frame_around
     from zeo.rpc import send_file_region
 
     content = bytes(index * 13 % 251 for index in range(200000))

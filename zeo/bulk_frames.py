@@ -7,8 +7,8 @@ before the socket saw it: into the encoder's buffer, out of it, and
 behind the frame's length word, which made our server spend a third more
 CPU than ZEO's on a download.  Here the message is encoded with an empty
 value in the chunk's place, the encoding of that empty value is replaced
-by the header of a value of the chunk's length, and the chunk itself is
-one more buffer of the same `sendmsg`.
+by the header of a value of the chunk's length (`frame_around`), and the
+chunk itself is one more buffer of the same `sendmsg`.
 
 Our client's upload chunks (`storeBlobChunk(chunk)`) are framed the
 same way (`frame_around`), around bytes the kernel sends straight from
@@ -31,14 +31,6 @@ _EMPTY_AND_HEADER = {
     wire.PICKLE_PROTOCOL: (b"C\x00", struct.Struct("<cI"), b"B"),
     wire.MSGPACK_PROTOCOL: (b"\xc4\x00", struct.Struct(">cI"), b"\xc6"),
 }
-
-
-def frame_parts_ending_with(codec, msgid, flag, name, leading_args, data):
-    """The frame of message `(msgid, flag, name, leading_args + (data,))`
-    as a list of buffers, `data` among them uncopied."""
-    head, tail = frame_around(codec, msgid, flag, name, leading_args,
-                              len(data))
-    return [head, data, tail] if tail else [head, data]
 
 
 def frame_around(codec, msgid, flag, name, leading_args, size):

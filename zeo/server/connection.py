@@ -74,6 +74,8 @@ class ServerConnection:
         self._replied = True
         #: Bytes received (only this connection's thread adds to it).
         self.bytes_received = 0
+        #: The frame around the last blob chunk sent (`push_ending_with`).
+        self._last_around = None
 
     # -- the channel interface used by the session ----------------------------
 
@@ -114,10 +116,23 @@ class ServerConnection:
     def push_ending_with(self, method, leading_args, data):
         """Queue a one-way call whose last argument, `data` (a blob
         chunk), goes to the socket without being copied; the caller
-        flushes.  Returns False if the connection is closing."""
-        return self.outbox.put_parts(bulk_frames.frame_parts_ending_with(
-            self.codec, 0, wire.ONEWAY, method, leading_args, data),
-            wake_writer=False)
+        flushes.  Returns False if the connection is closing.
+
+        A blob's full chunks all have the same frame around them: it is
+        encoded once, kept as the last one made (a tuple, replaced
+        whole, so threads sending several blobs need no lock), and
+        reused while method, arguments and size stay the same.
+        """
+        key = (method, leading_args, len(data))
+        last = self._last_around
+        if last is not None and last[0] == key:
+            head, tail = last[1]
+        else:
+            head, tail = bulk_frames.frame_around(
+                self.codec, 0, wire.ONEWAY, method, leading_args, len(data))
+            self._last_around = (key, (head, tail))
+        return self.outbox.put_parts([head, data, tail] if tail
+                                     else [head, data], wake_writer=False)
 
     def follow(self, log, owner):
         """Have the outbox take `log`'s invalidations (None: stop)."""
