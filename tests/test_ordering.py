@@ -368,7 +368,7 @@ def test_client_that_never_reads_is_dropped_without_stalling_others(
 
 # --- the outbox on its own ---------------------------------------------------
 
-def _read_frames(sock, count, timeout=20):
+def read_frames(sock, count, timeout=20):
     from zeo.wire import FrameReader
     reader = FrameReader()
     frames = []
@@ -406,7 +406,7 @@ def test_outbox_keeps_put_order_through_partial_sends_and_its_writer():
                for number in range(3)]
     for thread in threads:
         thread.start()
-    received = _read_frames(theirs, 3 * per_thread)
+    received = read_frames(theirs, 3 * per_thread)
     for thread in threads:
         thread.join()
     assert len(received) == 3 * per_thread
@@ -448,6 +448,6 @@ def test_outbox_close_during_a_drain_does_not_wait_for_the_timeout():
     started = time.monotonic()
     slow.closer.join(10)
     assert time.monotonic() - started < 3
-    assert _read_frames(theirs, 1) == [b"one"]
+    assert read_frames(theirs, 1) == [b"one"]
     ours.close()
     theirs.close()

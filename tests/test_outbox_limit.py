@@ -11,8 +11,9 @@ import socket
 import threading
 import time
 
+from test_ordering import read_frames
 from zeo.rpc import Outbox
-from zeo.wire import FrameReader, frame
+from zeo.wire import frame
 
 LIMIT = 16 * 1024
 
@@ -41,16 +42,19 @@ def invalidations(count, size=500):
     return [frame(b"%05d" % index + b"i" * size) for index in range(count)]
 
 
-def read_frames(sock, count, timeout=10):
-    reader = FrameReader()
-    frames = []
-    sock.settimeout(timeout)
-    while len(frames) < count:
-        data = sock.recv(1 << 16)
-        if not data:
-            break
-        frames.extend(reader.feed(data))
-    return frames
+def outbox_following_a_feed(sndbuf=None):
+    """A socket pair, an outbox on one end with LIMIT following a feed
+    (empty unless a test publishes), the feed, and the list the overflow
+    callback appends to."""
+    ours, theirs = socket.socketpair()
+    if sndbuf is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    dropped = []
+    outbox = Outbox(ours, "test", limit=LIMIT,
+                    on_overflow=lambda: dropped.append(True))
+    feed = Backlog()
+    outbox.follow(feed)
+    return ours, theirs, outbox, feed, dropped
 
 
 def wait_for(condition, timeout=10):
@@ -77,15 +81,10 @@ def fill_until_blocked(outbox):
 
 
 def test_a_backlog_over_the_limit_is_sent_to_a_peer_that_reads():
-    """Thirty commits' invalidations (three times the limit) taken at
-    once for a client whose socket has room: sent, not a reason to drop
+    """A hundred commits' invalidations (three times the limit) taken
+    at once for a client whose socket has room: sent, not a reason to drop
     the client."""
-    ours, theirs = socket.socketpair()
-    dropped = []
-    outbox = Outbox(ours, "test", limit=LIMIT,
-                    on_overflow=lambda: dropped.append(True))
-    feed = Backlog()
-    outbox.follow(feed)
+    ours, theirs, outbox, feed, dropped = outbox_following_a_feed()
     backlog = invalidations(100)
     assert sum(map(len, backlog)) > 3 * LIMIT
     feed.publish(backlog)
@@ -106,11 +105,7 @@ def test_a_backlog_over_the_limit_is_sent_to_a_peer_that_reads():
 
 
 def test_a_peer_that_never_reads_is_dropped_at_the_limit():
-    ours, theirs = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    dropped = []
-    outbox = Outbox(ours, "test", limit=LIMIT,
-                    on_overflow=lambda: dropped.append(True))
+    ours, theirs, outbox, _feed, dropped = outbox_following_a_feed(4096)
     fill_until_blocked(outbox)
     put = 0
     while outbox.put(frame(b"c" * 1000), wake_writer=False):
@@ -131,13 +126,7 @@ def test_a_peer_that_never_reads_is_dropped_at_the_limit():
 def test_a_backlog_for_a_peer_that_stopped_reading_drops_it():
     """The hog: its socket is full, and the invalidations published
     meanwhile pass the limit when the fan-out takes them."""
-    ours, theirs = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    dropped = []
-    outbox = Outbox(ours, "test", limit=LIMIT,
-                    on_overflow=lambda: dropped.append(True))
-    feed = Backlog()
-    outbox.follow(feed)
+    ours, theirs, outbox, feed, dropped = outbox_following_a_feed(4096)
     fill_until_blocked(outbox)
     # The writer may hold all that was queued: then the outbox counts
     # nothing unsent, and the first backlog is taken as one big message.
@@ -156,12 +145,7 @@ def test_a_backlog_taken_while_another_thread_sends_one_is_kept():
     taken at once and the rest waits in the queue (over the limit) when
     another thread takes the next commit's invalidation.  The peer reads,
     so nothing is dropped."""
-    ours, theirs = socket.socketpair()
-    dropped = []
-    outbox = Outbox(ours, "test", limit=LIMIT,
-                    on_overflow=lambda: dropped.append(True))
-    feed = Backlog()
-    outbox.follow(feed)
+    ours, theirs, outbox, feed, dropped = outbox_following_a_feed()
     backlog = invalidations(100)
     later = invalidations(1)
 

@@ -56,8 +56,9 @@ class Outbox:
     When the unsent bytes exceed `limit` while the peer is behind (the
     last send could not take everything), `put` closes the outbox, shuts
     the socket down (so the connection's reader notices and cleans up)
-    and calls `on_overflow`.  One message larger than the limit is still accepted when
-    nothing else is pending, so a big object can always be loaded.
+    and calls `on_overflow`.  One message larger than the limit is still
+    accepted when nothing else is pending, so a big object can always be
+    loaded.
     """
 
     def __init__(self, sock, name, limit=DEFAULT_OUTBOX_LIMIT,
@@ -162,7 +163,7 @@ class Outbox:
         """
         if (self._blocked and self._pending
                 and self._pending + size > self._limit):
-            self._close_over_limit()
+            self._drop_queue()
             return False
         self._frames.extend(parts)
         self._pending += size
@@ -177,12 +178,13 @@ class Outbox:
         self._blocked = True
         head = len(self._frames[0]) if self._frames else 0
         if self._pending - head > self._limit:
-            self._close_over_limit()
+            self._drop_queue()
             return False
         return True
 
-    def _close_over_limit(self):
-        """Drop what is queued and stop accepting frames (lock held)."""
+    def _drop_queue(self):
+        """Drop what is queued and stop accepting frames (lock held): past
+        the limit, or when nothing can be sent any more."""
         self._closing = True
         self._frames.clear()
         self._pending = 0
@@ -298,10 +300,7 @@ class Outbox:
         except RuntimeError as error:  # out of threads or memory
             logger.error("%s: cannot start a writer (%s); disconnecting",
                          self._name, error)
-            self._closing = True
-            self._frames.clear()
-            self._pending = 0
-            self._room.notify_all()
+            self._drop_queue()
             self._shutdown_socket()
             return
         self._writer = writer
@@ -364,9 +363,7 @@ class Outbox:
                     batch = _unsent(batch, self._sock.sendmsg(batch))
             except OSError:
                 with lock:
-                    self._frames.clear()
-                    self._pending = 0
-                    self._closing = True
+                    self._drop_queue()
             with lock:
                 self._sent()
                 self._draining = False
