@@ -32,6 +32,7 @@ from hostile_pickles import VARIANTS, Call, Global, forbidden_global_pickle
 from hostile_pickles import hostile_calls, hostile_message, named_globals
 from zeo import message_shape
 from zeo import wire
+from zeo.error_replies import encode_error_reply
 
 quick = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -917,7 +918,7 @@ CODECS = [wire.PickleCodec, wire.MsgpackCodec]
 def test_error_reply_for_pos_key_error(codec_class):
     codec = codec_class()
     message = codec.decode(
-        wire.encode_error_reply(codec, (OID, MAXTID), POSKeyError(OID)))
+        encode_error_reply(codec, (OID, MAXTID), POSKeyError(OID)))
     assert message == ((OID, MAXTID), wire.ERROR_REPLY, ".reply",
                        ("ZODB.POSException.POSKeyError", (OID,)))
 
@@ -927,7 +928,7 @@ def test_error_reply_for_conflict_error_carries_its_dict(codec_class):
     codec = codec_class()
     error = ConflictError(oid=OID, serials=(TID, Z64))
     error.class_name = "persistent.mapping.PersistentMapping"
-    message = codec.decode(wire.encode_error_reply(codec, 5, error))
+    message = codec.decode(encode_error_reply(codec, 5, error))
     assert message.msgid == 5 and message.flag == 2
     assert message.name == ".reply"
     class_name, payload = message.args
@@ -941,14 +942,14 @@ def test_error_reply_for_conflict_error_carries_its_dict(codec_class):
 @pytest.mark.parametrize("codec_class", CODECS)
 def test_error_reply_for_read_only_error(codec_class):
     codec = codec_class()
-    message = codec.decode(wire.encode_error_reply(codec, 1, ReadOnlyError()))
+    message = codec.decode(encode_error_reply(codec, 1, ReadOnlyError()))
     assert tuple(message) == (1, 2, ".reply",
                               ("ZODB.POSException.ReadOnlyError", ()))
 
 
 def test_error_reply_is_understood_by_the_real_zeo_client():
     codec = wire.PickleCodec()
-    payload = wire.encode_error_reply(codec, 9, ValueError("unknown storage"))
+    payload = encode_error_reply(codec, 9, ValueError("unknown storage"))
     assert zeo_marshal.pickle_decode(payload) == (
         9, 2, ".reply", ("builtins.ValueError", ("unknown storage",)))
 
@@ -968,7 +969,7 @@ def test_error_reply_falls_back_when_attributes_cannot_be_encoded(
         codec_class, attribute):
     codec = codec_class()
     error = _HoldsUnpicklable("it broke", attribute)
-    message = codec.decode(wire.encode_error_reply(codec, 3, error))
+    message = codec.decode(encode_error_reply(codec, 3, error))
     assert message.msgid == 3 and message.flag == 2
     assert message.name == ".reply"
     class_name, payload = message.args
@@ -986,7 +987,7 @@ def test_error_reply_decodes_in_the_real_zeo_client(attribute):
     """Picklable is not enough: the peer's unpickler refuses globals that
     are neither exceptions nor marked side-effect free, and a reply it
     cannot decode costs the client its connection instead of an error."""
-    payload = wire.encode_error_reply(
+    payload = encode_error_reply(
         wire.PickleCodec(), 3, _HoldsUnpicklable("it broke", attribute))
     msgid, flag, name, (class_name, _) = zeo_marshal.pickle_decode(payload)
     assert (msgid, flag, name) == (3, wire.ERROR_REPLY, ".reply")
@@ -997,7 +998,7 @@ def test_error_reply_decodes_in_the_real_zeo_client(attribute):
 def test_error_reply_falls_back_when_args_cannot_be_encoded(codec_class):
     codec = codec_class()
     error = KeyError(threading.Lock())
-    message = codec.decode(wire.encode_error_reply(codec, 4, error))
+    message = codec.decode(encode_error_reply(codec, 4, error))
     assert message.args[0] == "builtins.KeyError"
     assert "lock" in str(message.args[1])
 
@@ -1018,7 +1019,7 @@ class _Unprintable:
 def test_error_reply_always_encodes_even_if_str_fails(codec_class):
     codec = codec_class()
     error = ValueError(_Unprintable())
-    message = codec.decode(wire.encode_error_reply(codec, 8, error))
+    message = codec.decode(encode_error_reply(codec, 8, error))
     assert message.msgid == 8 and message.flag == wire.ERROR_REPLY
     class_name, payload = message.args
     assert isinstance(class_name, str)
@@ -1026,6 +1027,6 @@ def test_error_reply_always_encodes_even_if_str_fails(codec_class):
 
 def test_error_reply_float_payload_survives():
     codec = wire.PickleCodec()
-    message = codec.decode(wire.encode_error_reply(
+    message = codec.decode(encode_error_reply(
         codec, 1, ValueError(math.inf)))
     assert message.args == ("builtins.ValueError", (math.inf,))

@@ -13,6 +13,7 @@ from ZODB.POSException import (
     ConflictError, ReadOnlyError, StorageTransactionError)
 
 from zeo import wire
+from zeo.error_replies import is_plain
 from zeo.Exceptions import ClientDisconnected
 
 #: How many times a vote is retried after resolving conflicts client-side
@@ -50,7 +51,7 @@ class CommitMethods:
         if self.isReadOnly():
             raise ReadOnlyError()
         extension = dict(txn.extension or {})
-        if not wire.is_plain(extension):
+        if not is_plain(extension):
             # A ZEO server drops the connection on such a tpc_begin
             # (PROTOCOL.md 15.2, B8): refuse it here, clearly.
             raise TypeError("the transaction extension %s holds values "

@@ -56,6 +56,7 @@ from zeo.Exceptions import ClientDisconnected
 from zeo.rpc import send_buffers, send_file_region
 from zeo.client.errors import rebuild_exception
 from zeo.client.opening import connect_socket, handshake
+from zeo.client.waiting import Readiness, Waiter
 
 logger = logging.getLogger(__name__)
 
@@ -73,74 +74,6 @@ _CAN_POLL = hasattr(socket, "MSG_DONTWAIT") and hasattr(os, "sched_yield")
 #: One-way calls a server may make on a client (PROTOCOL.md 7).
 SERVER_CALLS = ("invalidateTransaction", "info", "receiveBlobStart",
                 "receiveBlobChunk", "receiveBlobStop")
-
-
-class Waiter:
-    """One outstanding two-way call, finished exactly once by whoever reads
-    its reply.
-
-    Several threads may wait on one waiter (concurrent loads of the same
-    revision share a request): each passes the released lock on to the
-    next.  A plain lock costs less than an Event on every call.  `lead`,
-    if given, is called with the waiter by an untimed `wait` before it
-    sleeps: it reads replies on the caller's thread while nobody else
-    does (see the module docstring).
-    """
-
-    __slots__ = ("method", "apply", "_done", "_lead", "finished", "result",
-                 "error")
-
-    def __init__(self, method, apply=None, lead=None):
-        self.method = method
-        self.apply = apply
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._lead = lead
-        self.finished = False
-        self.result = None
-        self.error = None
-
-    def finish(self, result=None, error=None):
-        self.result = result
-        self.error = error
-        self.finished = True
-        self._done.release()
-
-    def wait(self, timeout=None):
-        """The call's result; its error is raised.  ClientDisconnected if
-        no reply came within `timeout` seconds (None: no limit)."""
-        if timeout is None and self._lead is not None and not self.finished:
-            self._lead(self)
-        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
-            raise ClientDisconnected("no reply to %s within %s seconds"
-                                     % (self.method, timeout))
-        self._done.release()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class _Readiness:
-    """Tells the reader thread that the socket has data, one-shot: after
-    each notification it must be re-armed, and a leading caller disarms it
-    so the reader thread is not woken for data the caller reads itself."""
-
-    def __init__(self, sock):
-        self._fd = sock.fileno()
-        self._epoll = select.epoll()
-        self._epoll.register(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
-
-    def wait(self):
-        self._epoll.poll()
-
-    def arm(self):
-        self._epoll.modify(self._fd, select.EPOLLIN | select.EPOLLONESHOT)
-
-    def disarm(self):
-        self._epoll.modify(self._fd, 0)
-
-    def close(self):
-        self._epoll.close()
 
 
 class Connection:
@@ -179,7 +112,7 @@ class Connection:
         #: When bytes last came from the server (time.monotonic()).
         self._last_received = time.monotonic()
         if hasattr(select, "epoll"):
-            self._readiness = _Readiness(sock)
+            self._readiness = Readiness(sock)
             self._lead = self._lead_reading
         else:
             self._readiness = self._lead = None

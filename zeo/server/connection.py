@@ -23,6 +23,7 @@ import time
 
 from zeo import bulk_frames, wire
 from zeo.buffers import BufferPool
+from zeo.error_replies import encode_error_reply
 from zeo.rpc import Outbox
 from zeo.server import errors
 from zeo.server.limits import UNREGISTERED_MAX_FRAME_SIZE
@@ -92,7 +93,7 @@ class ServerConnection:
         """Queue the reply to `msgid`; whoever calls this sends it (the
         connection's thread does once the call's locks are released)."""
         if outcome.error is not None:
-            data = wire.encode_error_reply(
+            data = encode_error_reply(
                 self.codec, msgid, errors.transportable(outcome.error))
             self.outbox.put(wire.frame(data), wake_writer=False)
         else:
@@ -402,7 +403,7 @@ class ServerConnection:
         except Exception as error:
             logger.error("(%s) cannot encode reply %s: %s", self.label,
                          wire.short_repr(value), wire.short_repr(error, 200))
-            return wire.encode_error_reply(
+            return encode_error_reply(
                 self.codec, msgid, ValueError("Couldn't pickle response"))
 
     def _overflowed(self):

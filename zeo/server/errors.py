@@ -16,6 +16,7 @@ do next to the storage.
 """
 
 from zeo import wire
+from zeo.error_replies import is_plain
 
 
 def _known_classes():
@@ -38,10 +39,10 @@ def transportable(error):
     ancestor = next((base for base in cls.__mro__ if base in KNOWN_CLASSES),
                     Exception)
     substitute = ancestor.__new__(ancestor)
-    args = tuple(arg for arg in error.args if wire.is_plain(arg))
+    args = tuple(arg for arg in error.args if is_plain(arg))
     substitute.args = args if args else (_message(error),)
     for key, value in vars(error).items():
-        if wire.is_plain(value):
+        if is_plain(value):
             try:
                 setattr(substitute, key, value)
             except (AttributeError, TypeError):

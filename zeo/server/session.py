@@ -26,7 +26,8 @@ from ZODB.serialize import referencesf
 from zeo.server.blob_calls import BlobCalls
 from zeo.server.commit_calls import CommitCalls
 from zeo.server.outcome import DEFERRED, Reply, run_handoffs
-from zeo.wire import is_plain, short_repr
+from zeo.error_replies import is_plain
+from zeo.wire import short_repr
 
 logger = logging.getLogger(__name__)
 
