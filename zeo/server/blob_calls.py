@@ -22,11 +22,10 @@ class BlobCalls:
     `channel` and `current_msgid`)."""
 
     def _blob_storage(self):
-        storage = self.served.storage
-        if not blobs.serves_blobs(storage):
+        if not self.served.has_blobs:
             raise Unsupported("storage %s does not support blobs"
                               % self.served.name)
-        return storage
+        return self.served.storage
 
     def _storing(self, txn_id):
         """The open transaction, not yet voting, that blobs are added to;

@@ -22,7 +22,7 @@ import time
 import ZODB.TimeStamp
 
 from zeo.command_line import installed_version
-from zeo.server import blobs, free_threading
+from zeo.server import free_threading
 from zeo.server.limits import (CONNECTION_REFUSED, FRAME_REFUSED,
                                REGISTER_TIMEOUT)
 from zeo.server.listener import format_address
@@ -107,7 +107,7 @@ def storage_block(served, watchdog_status, now):
                      "once the storage is checked"
                      % (time.ctime(served.refusing_since),
                         served.commit_refusal))
-    if blobs.serves_blobs(served.storage):
+    if served.has_blobs:
         counts = served.stats.snapshot(served.stats.BLOB_COUNTERS)
         lines += ["Blobs received: %(blobs_received)d "
                   "(%(blob_bytes_received)d bytes)" % counts,

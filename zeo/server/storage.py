@@ -96,7 +96,10 @@ class ServedStorage:
             storage.tryToResolveConflict = never_resolve
             self.trusted_globals = conflict_globals.NOTHING_TRUSTED
         conflict_globals.install()
-        if blobs.serves_blobs(storage):
+        #: Whether the storage has blobs (asked once: every blob call
+        #: checks, and asking the interface costs more than the check).
+        self.has_blobs = blobs.serves_blobs(storage)
+        if self.has_blobs:
             blobs.remove_orphans(storage)
         self.stats = Statistics()
         self.commit_lock = CommitLock()
