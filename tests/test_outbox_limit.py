@@ -9,8 +9,8 @@ frames (the interface `zeo.server.fanout.Cursor` offers).
 
 import socket
 import threading
-import time
 
+from conftest import wait_until
 from test_ordering import read_frames
 from zeo.rpc import Outbox
 from zeo.wire import frame
@@ -55,18 +55,6 @@ def outbox_following_a_feed(sndbuf=None):
     feed = Backlog()
     outbox.follow(feed)
     return ours, theirs, outbox, feed, dropped
-
-
-def wait_for(condition, timeout=10):
-    """Whether `condition()` came true within `timeout` seconds (the
-    writer, blocked in a send when the socket is shut down, lets go of
-    its batch soon after)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def fill_until_blocked(outbox):
@@ -116,7 +104,9 @@ def test_a_peer_that_never_reads_is_dropped_at_the_limit():
     # blocked send (a writer's blocking send may go on a little).
     assert put * 1000 <= LIMIT + 16 * 1024
     assert dropped == [True]
-    assert wait_for(lambda: outbox.pending == 0)  # dropped, not held
+    # Dropped, not held (a writer blocked in a send lets go of its batch
+    # once the socket is shut down).
+    wait_until(lambda: outbox.pending == 0, "the queue is dropped", 10)
     assert not outbox.put(frame(b"late"))
     outbox.close(timeout=1)
     ours.close()
@@ -134,7 +124,7 @@ def test_a_backlog_for_a_peer_that_stopped_reading_drops_it():
         feed.publish(invalidations(100))
         outbox.send_pending()
     assert dropped == [True]
-    assert wait_for(lambda: outbox.pending == 0)
+    wait_until(lambda: outbox.pending == 0, "the queue is dropped", 10)
     outbox.close(timeout=1)
     ours.close()
     theirs.close()
