@@ -71,3 +71,20 @@ def test_a_file_shorter_than_its_region_is_an_error(tmp_path):
             send_file_region(ours, [b"head"], source.fileno(), 500, 1000)
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda codec: codec.protocol)
+def test_a_framer_encodes_once_per_size_and_frames_every_chunk(codec):
+    """A blob's chunks: all full but the last.  Each frame decodes as its
+    own whole message, and a size seen last time is not encoded again."""
+    from zeo.bulk_frames import Framer
+
+    framer = Framer(codec, 0, wire.ONEWAY, "receiveBlobChunk",
+                    (OID, SERIAL))
+    chunks = [b"a" * 59000, b"b" * 59000, b"c" * 1234]
+    frames = [framer.around(len(chunk)) for chunk in chunks]
+    assert frames[1] is frames[0]  # the same encoding, reused
+    reader = wire.FrameReader()
+    for (head, tail), chunk in zip(frames, chunks):
+        [payload] = reader.feed(head + chunk + tail)
+        assert tuple(codec.decode(payload).args) == (OID, SERIAL, chunk)

@@ -10,8 +10,9 @@ value in the chunk's place, the encoding of that empty value is replaced
 by the header of a value of the chunk's length (`frame_around`), and the
 chunk itself is one more buffer of the same `sendmsg`.
 
-Our client's upload chunks (`storeBlobChunk(chunk)`) are framed the
-same way (`frame_around`), around bytes the kernel sends straight from
+A blob's chunks share one `Framer`, which encodes each chunk size's
+frame once.  Our client's upload chunks (`storeBlobChunk(chunk)`) are
+framed the same way, around bytes the kernel sends straight from
 the blob file (`zeo.rpc.send_file_region`): a 200 MB commit spent 45%
 less time in the client.
 
@@ -44,3 +45,19 @@ def frame_around(codec, msgid, flag, name, leading_args, size):
     tail = encoded[at + len(empty):]
     head = encoded[:at] + header.pack(opcode, size)
     return _LENGTH.pack(len(head) + size + len(tail)) + head, tail
+
+
+class Framer:
+    """`frame_around` for the many values of one call (a blob's chunks),
+    encoded once per value size: every chunk but the last has the same.
+    Used by one thread at a time (one blob's download or upload)."""
+
+    def __init__(self, codec, msgid, flag, name, leading_args):
+        self._message = (codec, msgid, flag, name, leading_args)
+        self._last = None  # (size, (head, tail))
+
+    def around(self, size):
+        last = self._last
+        if last is None or last[0] != size:
+            last = self._last = (size, frame_around(*self._message, size))
+        return last[1]

@@ -153,11 +153,8 @@ class CachedBlobs(_Blobs):
         plain socket): memory holds none of it."""
         connection.oneway("storeBlobStart")
         with open(path, "rb") as source:
-            size = os.fstat(source.fileno()).st_size
-            for offset in range(0, size, CHUNK_SIZE):
-                connection.oneway_from_file(
-                    "storeBlobChunk", source, offset,
-                    min(CHUNK_SIZE, size - offset))
+            connection.oneway_file_chunks("storeBlobChunk", source,
+                                          CHUNK_SIZE)
         connection.oneway("storeBlobEnd", oid, serial, data, txn_id)
 
     def _committed(self, oid, tid, path):

@@ -181,8 +181,7 @@ class Connection:
         in flight with the same id is shared instead of sent again.
         """
         with self._state_lock:
-            if self._closed:
-                raise ClientDisconnected("not connected to %s" % self.label)
+            self._check_open()
             if msgid is None:
                 msgid = self._next_msgid
                 self._next_msgid += 1
@@ -217,33 +216,30 @@ class Connection:
         """
         self._send(0, wire.ONEWAY, method, args, hold=True)
 
-    def oneway_from_file(self, method, source, offset, size):
-        """The one-way call `method(data)`, `data` being the `size` bytes
-        at `offset` of the open binary file `source` (a blob upload's
-        chunk): on a plain socket they go from the file to the socket
-        inside the kernel (`os.sendfile`), never through Python.
+    def oneway_file_chunks(self, method, source, chunk_size):
+        """The one-way calls `method(chunk)`, one per `chunk_size` bytes
+        of the open binary file `source`, in order (a blob's upload).  On
+        a plain socket the chunks go from the file to the socket inside
+        the kernel (`os.sendfile`), never through Python.
 
-        A file shorter than that ends the connection (the frame's length
-        has gone out): ClientDisconnected, as for a failed send.
+        A file that shrinks meanwhile ends the connection (a frame's
+        length has gone out): ClientDisconnected, as for a failed send.
         """
-        head, tail = bulk_frames.frame_around(
-            self._codec, 0, wire.ONEWAY, method, (), size)
-        with self._send_lock:
-            if self._closed:
-                raise ClientDisconnected("not connected to %s" % self.label)
-            held = self._held_frames
-            held.append(head)
-            # The frame's last bytes wait for the next send, like a held
-            # one-way call: nothing else may come between.
-            self._held_frames = [tail] if tail else []
-            self._held_bytes = len(tail)
-            try:
-                send_file_region(self._sock, held, source.fileno(), offset,
-                                 size)
-            except OSError as error:
-                self._shutdown()
-                raise ClientDisconnected("connection to %s lost: %s"
-                                         % (self.label, error)) from None
+        chunks = bulk_frames.Framer(self._codec, 0, wire.ONEWAY, method, ())
+        size = os.fstat(source.fileno()).st_size
+        for offset in range(0, size, chunk_size):
+            length = min(chunk_size, size - offset)
+            head, tail = chunks.around(length)
+            with self._send_lock:
+                self._check_open()
+                held = self._held_frames
+                held.append(head)
+                # The frame's last bytes wait for the next send, like a
+                # held one-way call: nothing else may come between.
+                self._held_frames = [tail] if tail else []
+                self._held_bytes = len(tail)
+                self._sending(send_file_region, self._sock, held,
+                              source.fileno(), offset, length)
 
     def heartbeat(self):
         """The idle heartbeat `(-1, 0, '.reply', None)` (PROTOCOL.md 3.8)."""
@@ -252,23 +248,31 @@ class Connection:
     def _send(self, msgid, flag, method, args, hold=False):
         payload = self._codec.encode(msgid, flag, method, args)
         with self._send_lock:
-            if self._closed:
-                raise ClientDisconnected("not connected to %s" % self.label)
+            self._check_open()
             held = self._held_frames
             held += wire.frame_parts(payload)
             self._held_bytes += 4 + len(payload)
             if hold and self._held_bytes < _HOLD_LIMIT:
                 return
             self._held_frames, self._held_bytes = [], 0
-            try:
-                if len(held) == 1:
-                    self._sock.sendall(held[0])
-                else:
-                    send_buffers(self._sock, held)
-            except OSError as error:
-                self._shutdown()
-                raise ClientDisconnected("connection to %s lost: %s"
-                                         % (self.label, error)) from None
+            if len(held) == 1:
+                self._sending(self._sock.sendall, held[0])
+            else:
+                self._sending(send_buffers, self._sock, held)
+
+    def _check_open(self):
+        if self._closed:
+            raise ClientDisconnected("not connected to %s" % self.label)
+
+    def _sending(self, send, *args):
+        """`send(*args)` (send lock held); a failed send ends the
+        connection: ClientDisconnected."""
+        try:
+            send(*args)
+        except OSError as error:
+            self._shutdown()
+            raise ClientDisconnected("connection to %s lost: %s"
+                                     % (self.label, error)) from None
 
     # -- invalidations before verification ----------------------------------
 

@@ -319,6 +319,7 @@ class Downloads:
         """Stream one blob, then reply.  Gives up quietly when the
         connection closes (the client went away)."""
         channel = self._channel
+        chunks = channel.framer("receiveBlobChunk", (oid, serial))
         size = 0
         with blob_file:
             try:
@@ -331,8 +332,7 @@ class Downloads:
                     size += len(chunk)
                     queued = ((not wait
                                or channel.wait_for_room(DOWNLOAD_WINDOW))
-                              and channel.push_ending_with(
-                                  "receiveBlobChunk", (oid, serial), chunk))
+                              and channel.push_framed(chunks, chunk))
                     if wait:  # a small blob leaves with its reply, at once
                         channel.flush()
                 if not queued:

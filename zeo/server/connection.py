@@ -75,8 +75,6 @@ class ServerConnection:
         self._replied = True
         #: Bytes received (only this connection's thread adds to it).
         self.bytes_received = 0
-        #: The frame around the last blob chunk sent (`push_ending_with`).
-        self._last_around = None
 
     # -- the channel interface used by the session ----------------------------
 
@@ -114,24 +112,17 @@ class ServerConnection:
         return self.outbox.put(self._encode_oneway(method, args),
                                wake_writer)
 
-    def push_ending_with(self, method, leading_args, data):
-        """Queue a one-way call whose last argument, `data` (a blob
-        chunk), goes to the socket without being copied; the caller
-        flushes.  Returns False if the connection is closing.
+    def framer(self, method, leading_args):
+        """A `bulk_frames.Framer` for one-way calls `method(*leading_args,
+        value)` (a blob's chunks), for `push_framed`."""
+        return bulk_frames.Framer(self.codec, 0, wire.ONEWAY, method,
+                                  leading_args)
 
-        A blob's full chunks all have the same frame around them: it is
-        encoded once, kept as the last one made (a tuple, replaced
-        whole, so threads sending several blobs need no lock), and
-        reused while method, arguments and size stay the same.
-        """
-        key = (method, leading_args, len(data))
-        last = self._last_around
-        if last is not None and last[0] == key:
-            head, tail = last[1]
-        else:
-            head, tail = bulk_frames.frame_around(
-                self.codec, 0, wire.ONEWAY, method, leading_args, len(data))
-            self._last_around = (key, (head, tail))
+    def push_framed(self, framer, data):
+        """Queue the call of `framer` whose last argument is `data` (a
+        blob chunk), which goes to the socket without being copied; the
+        caller flushes.  Returns False if the connection is closing."""
+        head, tail = framer.around(len(data))
         return self.outbox.put_parts([head, data, tail] if tail
                                      else [head, data], wake_writer=False)
 
