@@ -75,19 +75,25 @@ def _clients(connection, address, oids, count):
     connection.send((loads, time.process_time() - cpu_at_start))
 
 
-def measure(interpreter, impl, clients, template, scratch, duration):
-    """`(loads per second, server CPU microseconds per load, client CPU
-    microseconds per load)` of one server process serving `clients` busy
-    clients."""
+def start_server(interpreter, impl, template, directory):
+    """Server `impl` on a copy of `template` in `directory`, run by
+    `interpreter` (`(label, python, environment)`)."""
     _label, python, environment = interpreter
-    directory = tempfile.mkdtemp(prefix="busy-", dir=scratch)
     template.copy_to(directory)
     port = server_process.free_port()
-    server = server_process.ServerProcess(
+    return server_process.ServerProcess(
         ["-a", "127.0.0.1:%d" % port, "-f",
          os.path.join(directory, "Data.fs")],
         impl=impl, address=("127.0.0.1", port), env=environment,
         command=[python, "-m", "%s.runzeo" % impl])
+
+
+def measure(interpreter, impl, clients, template, scratch, duration):
+    """`(loads per second, server CPU microseconds per load, client CPU
+    microseconds per load)` of one server process serving `clients` busy
+    clients."""
+    directory = tempfile.mkdtemp(prefix="busy-", dir=scratch)
+    server = start_server(interpreter, impl, template, directory)
     processes = []
     try:
         shares = [clients // CLIENT_PROCESSES
@@ -124,11 +130,15 @@ def measure(interpreter, impl, clients, template, scratch, duration):
             client_seconds / max(loads, 1) * 1e6)
 
 
-def measure_all(options, scratch):
-    """`{(interpreter label, side, clients): [(loads/s, CPU us)]}`."""
+def make_template(options, scratch):
+    """The storage every measurement of this section starts from."""
     directory = tempfile.mkdtemp(prefix="busy-template-", dir=scratch)
-    template = StorageTemplate(
+    return StorageTemplate(
         directory, [object_record(index) for index in range(options.objects)])
+
+
+def measure_all(options, scratch, template):
+    """`{(interpreter label, side, clients): [(loads/s, CPU us)]}`."""
     cells = [(interpreter, side) for interpreter in interpreters(options)
              for side in SIDES]
     results = {}
@@ -169,7 +179,7 @@ def print_report(results):
     if "free-threaded" in labels:
         print()
         print("free-threaded / GIL throughput: " + "; ".join(
-            "%s %s" % (_side_name(side), ", ".join(
+            "%s %s" % (side_name(side), ", ".join(
                 "%d: %.2f" % (clients, _ratio(results, side, clients))
                 for clients in CLIENT_COUNTS)) for side in SIDES))
 
@@ -179,7 +189,7 @@ def _print_table(results, labels, headings, cells):
     columns `headings`, filled by `cells(loads/s, server CPU us, client
     CPU us)` with the medians of the passes."""
     columns = ("clients",) + tuple(
-        "%s %s %s" % (_side_name(side), label, heading)
+        "%s %s %s" % (side_name(side), label, heading)
         for label in labels for side in SIDES for heading in headings)
     rows = []
     for clients in CLIENT_COUNTS:
@@ -199,5 +209,5 @@ def _ratio(results, side, clients):
     return median("free-threaded") / max(median("GIL"), 1e-9)
 
 
-def _side_name(side):
+def side_name(side):
     return "ours" if side == server_process.OURS else "ZEO"

@@ -54,12 +54,14 @@ import busy_clients  # noqa: E402
 import idle_commits  # noqa: E402
 import idle_connections  # noqa: E402
 import metrics_scrape  # noqa: E402
+import pair_interpreters  # noqa: E402
 import persistent_cache  # noqa: E402
 import reconnect  # noqa: E402
 import relstorage_bench  # noqa: E402
 from passes import alternating_passes  # noqa: E402
 import server_process  # noqa: E402
 from server_cpu import ServerCpuMeter  # noqa: E402
+import thread_floor  # noqa: E402
 import tls_overhead  # noqa: E402
 from raw_client import RawClient, RawServerError  # noqa: E402
 from storage_template import StorageTemplate  # noqa: E402
@@ -422,7 +424,7 @@ def run(options):
     started = time.monotonic()
     status = 0
     blob_results = reconnect_results = idle_results = busy_results = None
-    fanout_results = None
+    fanout_results = pair_results = floor_results = None
     only = options.only
     try:
         if not only:
@@ -448,7 +450,12 @@ def run(options):
         if not only or options.fanout_only:
             fanout_results = idle_commits.measure_all(options, scratch)
         if not only or options.busy_only:
-            busy_results = busy_clients.measure_all(options, scratch)
+            template = busy_clients.make_template(options, scratch)
+            busy_results = busy_clients.measure_all(options, scratch,
+                                                    template)
+            pair_results = pair_interpreters.measure_all(options, scratch,
+                                                         template)
+            floor_results = thread_floor.measure_all(options)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # (results, how to print them, whether they hold problems or None)
@@ -463,6 +470,8 @@ def run(options):
          lambda results: idle_commits.print_report(results, options),
          idle_commits.report_problems),
         (busy_results, busy_clients.print_report, None),
+        (pair_results, pair_interpreters.print_report, None),
+        (floor_results, thread_floor.print_report, None),
     ]
     for results, print_report, has_problems in reports:
         if results is None:
