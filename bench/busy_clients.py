@@ -94,6 +94,25 @@ def measure(interpreter, impl, clients, template, scratch, duration):
     clients."""
     directory = tempfile.mkdtemp(prefix="busy-", dir=scratch)
     server = start_server(interpreter, impl, template, directory)
+    try:
+        counted, server_seconds = run_window(
+            _clients, (server.address, template.oids), clients,
+            server.process.pid, duration)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    loads = sum(loads for loads, _cpu in counted)
+    client_seconds = sum(cpu for _loads, cpu in counted)
+    return (loads / duration, server_seconds / max(loads, 1) * 1e6,
+            client_seconds / max(loads, 1) * 1e6)
+
+
+def run_window(target, arguments, clients, server_pid, duration):
+    """Spread `clients` over CLIENT_PROCESSES processes, each running
+    `target(pipe, *arguments, its share)`: it sends "ready" once
+    connected, receives the window `(start_at, end_at)` and sends back
+    what it counted.  Returns what each process sent, and the server's
+    CPU seconds during the window."""
     processes = []
     try:
         shares = [clients // CLIENT_PROCESSES
@@ -102,15 +121,14 @@ def measure(interpreter, impl, clients, template, scratch, duration):
         for share in shares:
             ours, theirs = multiprocessing.Pipe()
             process = multiprocessing.Process(
-                target=_clients,
-                args=(theirs, server.address, template.oids, share))
+                target=target, args=(theirs,) + tuple(arguments) + (share,))
             process.start()
             processes.append((process, ours))
         for _process, connection in processes:
             if not connection.poll(CONNECT_TIMEOUT):
                 raise RuntimeError("the clients did not connect in time")
             connection.recv()
-        meter = ServerCpuMeter(server.process.pid)
+        meter = ServerCpuMeter(server_pid)
         start_at = time.monotonic() + 0.05
         for _process, connection in processes:
             connection.send((start_at, start_at + duration))
@@ -118,16 +136,11 @@ def measure(interpreter, impl, clients, template, scratch, duration):
         meter.start()
         time.sleep(duration)
         meter.stop()
-        counted = [connection.recv() for _process, connection in processes]
-        loads = sum(loads for loads, _cpu in counted)
-        client_seconds = sum(cpu for _loads, cpu in counted)
+        return ([connection.recv() for _process, connection in processes],
+                meter.seconds)
     finally:
         for process, _connection in processes:
             process.join(30)
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-    return (loads / duration, meter.seconds / max(loads, 1) * 1e6,
-            client_seconds / max(loads, 1) * 1e6)
 
 
 def make_template(options, scratch):

@@ -7,7 +7,7 @@ of CPU per load.  Here the cheapest server of our design (a thread per
 connection blocking in `recv_into` on its own socket and answering with
 one `sendall` of a load reply's size: no decoding, no storage, no locks;
 `floor_server.py`) is measured as the busy clients section measures the
-servers: client threads in CLIENT_PROCESSES processes on this machine,
+servers: client threads in the same processes on this machine,
 each sending a request and waiting for the answer as fast as it can,
 and the server's CPU per request read from /proc.  It is mostly the
 kernel's work (the wake-up of a sleeping thread, two socket calls), and
@@ -15,7 +15,6 @@ it is a lower bound for any server of this design; what our server
 spends above it is its own work.
 """
 
-import multiprocessing
 import os
 import socket
 import statistics
@@ -24,15 +23,14 @@ import threading
 import time
 
 import busy_clients
+import server_process
 from floor_server import REPLY
-from server_cpu import ServerCpuMeter
 from table import render_table
 
 #: A loadBefore call is about this size on the wire.
 REQUEST = b"r" * 46
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "floor_server.py")
-CLIENT_PROCESSES = busy_clients.CLIENT_PROCESSES
 
 
 def _clients(pipe, port, count):
@@ -70,41 +68,21 @@ def _clients(pipe, port, count):
 def measure(interpreter, clients, duration):
     """`(requests per second, server CPU us per request)`."""
     _label, python, environment = interpreter
-    port = busy_clients.server_process.free_port()
+    port = server_process.free_port()
     server = subprocess.Popen(
         [python, SERVER_SCRIPT, str(port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=dict(os.environ, **environment))
-    processes = []
     try:
         if server.stdout.readline().strip() != "listening":
             raise RuntimeError("the floor server did not start")
-        shares = [clients // CLIENT_PROCESSES
-                  + (index < clients % CLIENT_PROCESSES)
-                  for index in range(min(clients, CLIENT_PROCESSES))]
-        for share in shares:
-            ours, theirs = multiprocessing.Pipe()
-            process = multiprocessing.Process(target=_clients,
-                                              args=(theirs, port, share))
-            process.start()
-            processes.append((process, ours))
-        for _process, pipe in processes:
-            pipe.recv()
-        meter = ServerCpuMeter(server.pid)
-        start_at = time.monotonic() + 0.05
-        for _process, pipe in processes:
-            pipe.send((start_at, start_at + duration))
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        meter.start()
-        time.sleep(duration)
-        meter.stop()
-        requests = sum(pipe.recv() for _process, pipe in processes)
+        counted, server_seconds = busy_clients.run_window(
+            _clients, (port,), clients, server.pid, duration)
     finally:
-        for process, _pipe in processes:
-            process.join(30)
         server.stdin.close()
         server.wait(30)
-    return requests / duration, meter.seconds / max(requests, 1) * 1e6
+    requests = sum(counted)
+    return requests / duration, server_seconds / max(requests, 1) * 1e6
 
 
 def measure_all(options):

@@ -11,6 +11,7 @@ test that does not catch the bug is noticed too.
 import itertools
 import os
 import socket
+import tempfile
 import time
 
 import pytest
@@ -98,6 +99,23 @@ def wait_until(predicate, what, timeout=RECONNECT_TIMEOUT):
             pytest.fail("timed out after %ss waiting until %s"
                         % (timeout, what))
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def restored_temporary_directory_and_cwd():
+    """Put `tempfile.tempdir` and the working directory back after every
+    test.
+
+    ZODB's test set-up points both at a fresh directory, and only its
+    tearDown restores them; unittest skips tearDown when setUp fails (a
+    client that cannot connect, say), and every later test then made its
+    directories inside that one, nested deeper and deeper until paths
+    were too long for initdb and Unix sockets: one failed set-up in
+    `make test-ft` became 21 failures."""
+    tempdir, cwd = tempfile.tempdir, os.getcwd()
+    yield
+    tempfile.tempdir = tempdir
+    os.chdir(cwd)
 
 
 @pytest.fixture
