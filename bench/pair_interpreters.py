@@ -6,7 +6,8 @@ server, each client in a process of its own run by the same interpreter
 as its server (the free-threaded one with the GIL off).  The client has
 a 1-byte cache, so every load goes to the server; it loads the
 template's objects in turn for the window.  Reported: loads/s, and the
-CPU per load of the server and of the client process.  The client process is `pair_client.py`.
+CPU per load of the server and of the client process
+(`pair_client.py`).
 """
 
 import json

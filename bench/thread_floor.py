@@ -50,7 +50,10 @@ def _clients(pipe, port, count):
             sock.sendall(REQUEST)
             received = 0
             while received < len(REPLY):
-                received += len(sock.recv(4096))
+                answer = sock.recv(4096)
+                if not answer:
+                    raise ConnectionError("the floor server hung up")
+                received += len(answer)
             requests += 1
         done.append(requests)
         sock.close()
