@@ -4,7 +4,7 @@ the ordinary frame of the same message, in both encodings."""
 import pytest
 
 from zeo import wire
-from zeo.bulk_frames import frame_around
+from zeo.bulk_frames import Framer, frame_around
 
 CODECS = [wire.PickleCodec(), wire.MsgpackCodec()]
 OID, SERIAL = b"\0" * 7 + b"\1", b"\x03" * 8
@@ -77,8 +77,6 @@ def test_a_file_shorter_than_its_region_is_an_error(tmp_path):
 def test_a_framer_encodes_once_per_size_and_frames_every_chunk(codec):
     """A blob's chunks: all full but the last.  Each frame decodes as its
     own whole message, and a size seen last time is not encoded again."""
-    from zeo.bulk_frames import Framer
-
     framer = Framer(codec, 0, wire.ONEWAY, "receiveBlobChunk",
                     (OID, SERIAL))
     chunks = [b"a" * 59000, b"b" * 59000, b"c" * 1234]
